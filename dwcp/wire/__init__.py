@@ -1,0 +1,1 @@
+"""Wire format: frames, handshake, negotiation and authentication (docs/protocol.md)."""

@@ -1,0 +1,49 @@
+"""Build of the compiled core: our C (csrc/) compiled strictly into a static library, and the Cython
+extension dwcp._core linked against it.
+
+The C in csrc/ is built with -Wall -Wextra -Werror; the Cython-generated C is not ours, so it gets the
+same warnings without -Werror (Cython emits unused-function warnings we cannot fix).
+Environment: DWCP_SANITIZE=1 adds ASan/UBSan, DWCP_DEBUG=1 adds Cython linetrace and the engine's
+resource counters (DWCP_DEBUG_COUNTERS)."""
+
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+SANITIZE = os.environ.get("DWCP_SANITIZE") == "1"
+DEBUG = os.environ.get("DWCP_DEBUG") == "1"
+
+common = ["-O2", "-g", "-fno-strict-aliasing", "-D_GNU_SOURCE"]
+macros = []
+if SANITIZE:
+    common = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+              "-fno-sanitize-recover=undefined", "-D_GNU_SOURCE"]
+if DEBUG:
+    common += ["-DDWCP_DEBUG_COUNTERS=1", "-DCYTHON_TRACE_NOGIL=1"]
+    macros.append(("CYTHON_TRACE_NOGIL", "1"))
+
+strict = common + ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith",
+                   "-Wstrict-prototypes", "-Wmissing-prototypes", "-Icsrc/include"]
+link = ["-fsanitize=address,undefined"] if SANITIZE else []
+
+core_sources = sorted(glob.glob("csrc/*.c"))
+
+ext = Extension(
+    "dwcp._core",
+    sources=["dwcp/_core.pyx"],
+    include_dirs=["csrc/include"],
+    define_macros=macros,
+    extra_compile_args=common + ["-Wall", "-Wno-unused-function"],
+    extra_link_args=link,
+)
+
+directives = {"language_level": "3", "embedsignature": True}
+if DEBUG:
+    directives.update({"linetrace": True, "binding": True})
+
+setup(
+    libraries=[("dwcpcore", {"sources": core_sources, "cflags": strict, "include_dirs": ["csrc/include"]})],
+    ext_modules=cythonize([ext], compiler_directives=directives, include_path=["dwcp"]),
+)
