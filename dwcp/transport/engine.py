@@ -1,0 +1,44 @@
+"""Choice of the data-path engine for a session: the C engine, or the pure-Python one.
+
+The C engine drives raw file descriptors with sendmsg/recvmsg and needs no GIL. TLS sessions cannot use
+it (this kernel has no kTLS, so encryption happens in Python's ssl objects), and DWCP_BACKEND=python
+forces the Python engine for debugging and for running the suite against both.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class StreamSetLike(Protocol):
+    count: int
+
+    def send(self, buffer: Any, *, transfer_id: int, chunk_bytes: int, csum_flags: int,
+             length: int | None = None, frame_flags: int = 0, timeout_s: float = 30.0,
+             zerocopy: bool = False, zc_min_bytes: int = 0, deadline: float | None = None) -> int: ...
+
+    def recv_into(self, buffer: Any, *, transfer_id: int, length: int, chunk_bytes: int,
+                  csum_flags: int, timeout_s: float = 30.0) -> int: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def alive(self) -> list[bool]: ...
+
+    def alive_count(self) -> int: ...
+
+    def kill(self, i: int) -> None: ...
+
+    def interrupt(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_stream_set(socks: Sequence[socket.socket], *, backend: str, tls: bool) -> tuple[StreamSetLike, str]:
+    """(engine, name): the C engine unless TLS or the caller asks for the Python one."""
+    if tls or backend == "python":
+        from dwcp.transport.pyengine import PyStreamSet
+        return PyStreamSet(list(socks)), "python"
+    from dwcp._core import StreamSet
+    return StreamSet([s.fileno() for s in socks]), "c"

@@ -1,0 +1,95 @@
+"""Validated session options shared by connect() and listen()."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass, field
+
+from dwcp.errors import ConfigError
+
+MIN_CHUNK_BYTES = 4 << 10
+MAX_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_STREAMS = 256
+CHECKSUMS = ("xxh3", "crc32c")
+
+
+def parse_address(addr: str | tuple[str, int], *, default_host: str = "") -> tuple[str, int]:
+    """'host:port', '[v6]:port', ':port' or (host, port) → (host, port), with a clear error."""
+    if isinstance(addr, tuple):
+        if len(addr) != 2:
+            raise ConfigError(f"address tuple must be (host, port), got {addr!r}")
+        host, port = addr
+    elif isinstance(addr, str):
+        if addr.startswith("["):
+            host, sep, rest = addr[1:].partition("]")
+            if not sep or not rest.startswith(":"):
+                raise ConfigError(f"bad address {addr!r}: expected '[ipv6]:port'")
+            port_s = rest[1:]
+        else:
+            host, sep, port_s = addr.rpartition(":")
+            if not sep:
+                raise ConfigError(f"bad address {addr!r}: expected 'host:port'")
+            if ":" in host:
+                raise ConfigError(f"bad address {addr!r}: write IPv6 addresses as '[addr]:port'")
+        try:
+            port = int(port_s)
+        except ValueError:
+            raise ConfigError(f"bad port in address {addr!r}") from None
+    else:
+        raise ConfigError(f"address must be 'host:port' or (host, port), got {type(addr).__name__}")
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port must be 0..65535, got {port!r}")
+    return (host or default_host, port)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a session may use. The handshake settles the actual values (SessionParams).
+
+    timeout_s: a transfer fails if no byte moves on any stream for this long.
+    zerocopy: "auto" (MSG_ZEROCOPY for non-loopback peers; the engine drops it by itself once the
+    kernel reports it copied anyway), "on", or "off".
+    max_recv_bytes: largest transfer recv() will allocate for (a peer cannot make us allocate more).
+    """
+
+    streams: int = 4
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    checksums: tuple[str, ...] = CHECKSUMS
+    zerocopy: str = "auto"
+    zc_min_bytes: int = 32 << 10
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    max_recv_bytes: int = 64 << 30
+    backend: str = field(default_factory=lambda: os.environ.get("DWCP_BACKEND", "c"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.streams, int) or not 1 <= self.streams <= MAX_STREAMS:
+            raise ConfigError(f"streams must be an integer 1..{MAX_STREAMS}, got {self.streams!r}")
+        if not isinstance(self.chunk_bytes, int) or not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigError(f"chunk_bytes must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, "
+                              f"got {self.chunk_bytes!r}")
+        if not self.timeout_s > 0 or not self.connect_timeout_s > 0:
+            raise ConfigError("timeout_s and connect_timeout_s must be > 0 seconds")
+        unknown = [c for c in self.checksums if c not in CHECKSUMS]
+        if not self.checksums or unknown:
+            raise ConfigError(f"checksums must be a non-empty list from {CHECKSUMS}, got {self.checksums!r}")
+        if self.zerocopy not in ("auto", "on", "off"):
+            raise ConfigError(f"zerocopy must be 'auto', 'on' or 'off', got {self.zerocopy!r}")
+        if self.backend not in ("c", "python"):
+            raise ConfigError(f"backend (DWCP_BACKEND) must be 'c' or 'python', got {self.backend!r}")
+        if self.max_recv_bytes < 0:
+            raise ConfigError("max_recv_bytes must be >= 0")

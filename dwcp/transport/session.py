@@ -1,0 +1,491 @@
+"""Session: one control connection plus N data streams, moving whole buffers and files.
+
+A session carries one transfer at a time; either side may send, the other must be receiving. The
+control connection announces each transfer (XFER_BEGIN) and carries ABORT/CLOSE; the engine moves
+the bytes on the data streams. While a transfer runs, a watcher thread reads the control connection,
+so an ABORT or CLOSE from the peer stops the engine at once instead of after the timeout.
+
+A failed transfer leaves the data streams in an unknown state (a frame may be half written), so any
+transfer error closes the session; open a new one to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import select
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dwcp.errors import (ConfigError, DWCPError, PeerClosedError, ProtocolError, SessionClosedError,
+                         TransportError)
+from dwcp.telemetry.tcp_info import tcp_info
+from dwcp.transport.engine import StreamSetLike, make_stream_set
+from dwcp.transport.options import SessionOptions, is_loopback
+from dwcp.wire import messages
+from dwcp.wire.frames import MAX_CONTROL_BYTES, FrameType, Header, encode_frame
+from dwcp.wire.handshake import SessionParams
+from dwcp.wire.io import read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+_CONTROL_POLL_S = 0.05
+
+
+def as_readable_view(buffer: Any) -> memoryview:
+    """A flat byte view of any C-contiguous buffer-protocol object (bytes, numpy, mmap, ...)."""
+    try:
+        mv = memoryview(buffer)
+    except TypeError:
+        raise ConfigError(f"send() needs a buffer-protocol object (bytes, bytearray, memoryview, "
+                          f"numpy array, mmap), got {type(buffer).__name__}") from None
+    if not mv.c_contiguous:
+        raise ConfigError("buffer is not C-contiguous; pass a contiguous copy (e.g. numpy.ascontiguousarray)")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+def as_writable_view(buffer: Any) -> memoryview:
+    mv = as_readable_view(buffer)
+    if mv.readonly:
+        raise ConfigError("recv_into() needs a writable buffer (bytearray, numpy array, writable mmap)")
+    return mv
+
+
+class BufferTooSmall(ConfigError):
+    """recv_into() was given a buffer smaller than the incoming transfer.
+
+    Nothing was consumed: call recv() or recv_into() with at least ``needed_bytes`` to receive it."""
+
+    def __init__(self, message: str, needed_bytes: int) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+
+
+class Session:
+    """A connected DWCP session. Use as a context manager; see connect() and listen()."""
+
+    def __init__(self, control: socket.socket, data: list[socket.socket], params: SessionParams,
+                 options: SessionOptions, *, role: str, peer: tuple[str, int]) -> None:
+        self._control = control
+        self._data = data
+        self.params = params
+        self.options = options
+        self.role = role
+        self.peer = peer
+        self._engine, self.backend = make_stream_set(data, backend=options.backend,
+                                                     tls=isinstance(control, ssl.SSLSocket))
+        self._zerocopy, self.zerocopy_reason = self._choose_zerocopy()
+        self._tid_counter = 0
+        self._last_recv_tid = -1
+        self._inbox: deque[tuple[Header, bytes]] = deque()
+        self._lock = threading.Lock()  # one transfer at a time
+        self._closed = False
+        self._peer_closed = False
+        self._abort_reason: str | None = None
+        self._counts = {"transfers_sent": 0, "transfers_received": 0, "bytes_sent": 0,
+                        "bytes_received": 0}
+        self._last_stats: dict[str, int] = {}
+
+    # ---- context manager and lifecycle -------------------------------------------------------
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<dwcp.Session {self.role} peer={self.peer[0]}:{self.peer[1]} "
+                f"streams={self.params.streams} backend={self.backend} {state}>")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the session (idempotent). A transfer running in another thread fails with
+        SessionClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.interrupt()
+        if not self._peer_closed:
+            try:
+                self._control.settimeout(1.0)
+                write_frame(self._control, encode_frame(FrameType.CLOSE))
+            except (OSError, DWCPError):
+                pass  # the peer may already be gone; closing is best effort
+        with self._lock:  # wait for a running transfer to notice the interrupt
+            self._last_stats = self._engine.stats()
+            self._engine.close()
+        for s in [self._control, *self._data]:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _fail(self, exc: DWCPError) -> DWCPError:
+        """Close after a failed transfer (streams may be mid-frame) and return the error to raise."""
+        log.warning("session with %s:%s failed: %s", self.peer[0], self.peer[1], exc)
+        if not self._closed:
+            self._closed = True
+            self._engine.interrupt()
+            self._last_stats = self._engine.stats()
+            if not self._peer_closed:
+                try:
+                    self._control.settimeout(1.0)
+                    write_frame(self._control, encode_frame(FrameType.ABORT, str(exc).encode()[:4096]))
+                except (OSError, DWCPError):
+                    pass
+            self._engine.close()
+            for s in [self._control, *self._data]:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        return exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosedError("the session is closed; open a new one with dwcp.connect()")
+
+    # ---- policy --------------------------------------------------------------------------------
+    def _choose_zerocopy(self) -> tuple[bool, str]:
+        mode = self.options.zerocopy
+        if self.backend != "c":
+            return False, "the Python engine (TLS or DWCP_BACKEND=python) cannot track zero-copy completions"
+        if mode == "off":
+            return False, "disabled by option"
+        from dwcp._core import features
+        if not features().get("zerocopy"):
+            return False, "the kernel refuses SO_ZEROCOPY"
+        if mode == "on":
+            return True, "enabled by option (falls back if the kernel copies)"
+        if is_loopback(self.peer[0]):
+            return False, "loopback peer: the kernel copies MSG_ZEROCOPY sends on lo, which is slower"
+        return True, "auto: non-loopback peer (falls back if the kernel copies)"
+
+    def _next_tid(self) -> int:
+        # Client ids are odd and server ids even, so the two directions never share an id and a late
+        # duplicate from an earlier transfer is always recognised as stale.
+        self._tid_counter += 1
+        return 2 * self._tid_counter + (1 if self.role == "client" else 0)
+
+    # ---- control connection --------------------------------------------------------------------
+    def _read_control(self, deadline: float | None) -> tuple[Header, bytes]:
+        if self._inbox:
+            return self._inbox.popleft()
+        try:
+            return read_frame(self._control, max_payload=MAX_CONTROL_BYTES, deadline=deadline)
+        except PeerClosedError:
+            self._peer_closed = True
+            raise
+
+    def _control_readable(self) -> bool:
+        if isinstance(self._control, ssl.SSLSocket) and self._control.pending():
+            return True
+        r, _, _ = select.select([self._control], [], [], _CONTROL_POLL_S)
+        return bool(r)
+
+    @contextmanager
+    def _watch_control(self) -> Iterator[None]:
+        """During a transfer, react to ABORT/CLOSE from the peer by interrupting the engine; keep any
+        other frame (the next XFER_BEGIN may overtake our return) for the caller."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    if not self._control_readable():
+                        continue
+                    frame = read_frame(self._control, max_payload=MAX_CONTROL_BYTES,
+                                       deadline=time.monotonic() + self.options.timeout_s)
+                except (OSError, ValueError, DWCPError) as e:
+                    if stop.is_set():
+                        return
+                    self._peer_closed = isinstance(e, PeerClosedError)
+                    self._abort_reason = f"control connection failed: {e}"
+                    self._engine.interrupt()
+                    return
+                hdr, payload = frame
+                if hdr.type == FrameType.ABORT:
+                    self._abort_reason = "peer aborted the transfer: " + payload.decode("utf-8", "replace")
+                    self._engine.interrupt()
+                    return
+                if hdr.type == FrameType.CLOSE:
+                    self._peer_closed = True
+                    self._abort_reason = "peer closed the session during the transfer"
+                    self._engine.interrupt()
+                    return
+                self._inbox.append(frame)
+
+        t = threading.Thread(target=watch, name="dwcp-control-watch", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
+    def _engine_error(self, exc: DWCPError) -> DWCPError:
+        if self._abort_reason and not self._closed:
+            err: DWCPError = PeerClosedError(self._abort_reason) if self._peer_closed \
+                else TransportError(self._abort_reason)
+            err.__cause__ = exc
+            return self._fail(err)
+        if isinstance(exc, SessionClosedError):
+            return exc
+        return self._fail(exc)
+
+    # ---- sending ----------------------------------------------------------------------------------
+    def send(self, buffer: Any) -> int:
+        """Send the whole buffer. Returns its length once every byte is acknowledged by the peer, so the
+        buffer may be reused or freed at once."""
+        mv = as_readable_view(buffer)
+        return self._send(mv, messages.KIND_BUFFER, name="", length=len(mv), deadline=None)
+
+    def send_file(self, path: str | os.PathLike[str]) -> int:
+        """Send a regular file (memory-mapped, so it is never copied in user space)."""
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not os.path.isfile(path):
+                raise ConfigError(f"send_file needs a regular file, {os.fspath(path)!r} is not one")
+            name = os.path.basename(os.fspath(path))
+            if st.st_size == 0:
+                return self._send(memoryview(b""), messages.KIND_FILE, name=name, length=0,
+                                  deadline=None, mode=st.st_mode & 0o7777)
+            with mmap.mmap(f.fileno(), st.st_size, prot=mmap.PROT_READ) as m:
+                m.madvise(mmap.MADV_SEQUENTIAL)
+                mv = memoryview(m)
+                try:
+                    return self._send(mv, messages.KIND_FILE, name=name, length=st.st_size,
+                                      deadline=None, mode=st.st_mode & 0o7777)
+                finally:
+                    mv.release()
+
+    def _send(self, mv: memoryview, kind: int, *, name: str, length: int, deadline: float | None,
+              mode: int = 0) -> int:
+        self._check_open()
+        if not self._lock.acquire(blocking=False):
+            raise TransportError("another transfer is running on this session; a session carries one "
+                                 "transfer at a time (open more sessions for parallel transfers)")
+        try:
+            self._check_open()
+            tid = self._next_tid()
+            wrap = len(mv) if length > len(mv) else 0
+            begin = messages.XferBegin(transfer_id=tid, length=length, chunk_bytes=self.params.chunk_bytes,
+                                       kind=kind, wrap_bytes=wrap, frame_flags=0, name=name, mode=mode)
+            try:
+                write_frame(self._control, encode_frame(FrameType.XFER_BEGIN, messages.encode_xfer_begin(begin)))
+            except OSError as e:
+                raise self._fail(PeerClosedError(f"cannot announce the transfer: {e}", errno=e.errno)) from e
+            with self._watch_control():
+                try:
+                    sent = self._engine.send(mv, transfer_id=tid, chunk_bytes=self.params.chunk_bytes,
+                                             csum_flags=self.params.csum_flags, length=length,
+                                             timeout_s=self.options.timeout_s, zerocopy=self._zerocopy,
+                                             zc_min_bytes=self.options.zc_min_bytes, deadline=deadline)
+                except DWCPError as e:
+                    raise self._engine_error(e) from e
+            self._counts["transfers_sent"] += 1
+            self._counts["bytes_sent"] += sent
+            return sent
+        finally:
+            self._lock.release()
+
+    # ---- receiving --------------------------------------------------------------------------------
+    def _await_begin(self, timeout_s: float | None) -> messages.XferBegin:
+        """The next XFER_BEGIN (left in the inbox, so a too-small buffer loses nothing)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._inbox and self._inbox[0][0].type == FrameType.XFER_BEGIN:
+                return messages.decode_xfer_begin(self._inbox[0][1])
+            try:
+                hdr, payload = self._read_control(deadline)
+            except PeerClosedError as e:
+                raise self._fail(PeerClosedError(f"peer closed the control connection: {e}")) from e
+            except DWCPError as e:
+                raise self._fail(e) from e
+            if hdr.type == FrameType.XFER_BEGIN:
+                self._inbox.appendleft((hdr, payload))
+            elif hdr.type == FrameType.CLOSE:
+                self._peer_closed = True
+                raise self._fail(PeerClosedError("the peer closed the session"))
+            elif hdr.type == FrameType.ABORT:
+                raise self._fail(TransportError("peer aborted: " + payload.decode("utf-8", "replace")))
+            else:
+                raise self._fail(ProtocolError(
+                    f"unexpected frame type {hdr.type} on the control connection while waiting for a transfer"))
+
+    def _validate_begin(self, b: messages.XferBegin, capacity: int | None) -> None:
+        if b.transfer_id <= self._last_recv_tid:
+            raise self._fail(ProtocolError(f"transfer id {b.transfer_id} is not newer than the last one "
+                                           f"({self._last_recv_tid}): replayed or reordered announcement"))
+        if b.chunk_bytes != self.params.chunk_bytes:
+            raise self._fail(ProtocolError(f"transfer announces chunk size {b.chunk_bytes}, the session "
+                                           f"negotiated {self.params.chunk_bytes}"))
+        if b.wrap_bytes and b.kind != messages.KIND_BENCH:
+            raise self._fail(ProtocolError("only benchmark transfers may wrap around their buffer"))
+
+    def _recv_transfer(self, b: messages.XferBegin, view: memoryview) -> int:
+        self._inbox.popleft()
+        self._last_recv_tid = b.transfer_id
+        with self._watch_control():
+            try:
+                n = self._engine.recv_into(view, transfer_id=b.transfer_id, length=b.length,
+                                           chunk_bytes=b.chunk_bytes, csum_flags=self.params.csum_flags,
+                                           timeout_s=self.options.timeout_s)
+            except DWCPError as e:
+                raise self._engine_error(e) from e
+        self._counts["transfers_received"] += 1
+        self._counts["bytes_received"] += n
+        return n
+
+    @contextmanager
+    def _receiving(self) -> Iterator[None]:
+        self._check_open()
+        if not self._lock.acquire(blocking=False):
+            raise TransportError("another transfer is running on this session; a session carries one "
+                                 "transfer at a time")
+        try:
+            self._check_open()
+            yield
+        finally:
+            self._lock.release()
+
+    def recv(self, timeout_s: float | None = None) -> bytearray:
+        """Receive the next transfer into a new bytearray. timeout_s bounds the wait for it to start
+        (None: wait forever); once started, the session's timeout_s bounds progress."""
+        with self._receiving():
+            b = self._await_begin(timeout_s)
+            self._validate_begin(b, None)
+            if b.length > self.options.max_recv_bytes:
+                raise self._fail(ProtocolError(
+                    f"peer announced {b.length} bytes, over max_recv_bytes={self.options.max_recv_bytes}; "
+                    "raise max_recv_bytes or use recv_into()/recv_file()"))
+            if b.wrap_bytes:
+                raise self._fail(ProtocolError("a benchmark transfer needs recv_into() with a buffer"))
+            out = bytearray(b.length)
+            self._recv_transfer(b, memoryview(out))
+            return out
+
+    def recv_into(self, buffer: Any, timeout_s: float | None = None) -> int:
+        """Receive the next transfer into buffer; returns its length. If the buffer is too small,
+        raises BufferTooSmall and consumes nothing (call again with a large enough buffer)."""
+        view = as_writable_view(buffer)
+        with self._receiving():
+            b = self._await_begin(timeout_s)
+            self._validate_begin(b, len(view))
+            if b.wrap_bytes:
+                if len(view) == 0 or len(view) % b.chunk_bytes:
+                    raise ConfigError(f"a benchmark transfer wraps around the buffer, whose size must be a "
+                                      f"non-zero multiple of the chunk size {b.chunk_bytes}")
+            elif b.length > len(view):
+                raise BufferTooSmall(f"incoming transfer is {b.length} bytes but the buffer holds "
+                                     f"{len(view)}; nothing was consumed, call again with a bigger buffer",
+                                     b.length)
+            return self._recv_transfer(b, view[:b.length] if not b.wrap_bytes else view)
+
+    def recv_file(self, path: str | os.PathLike[str], timeout_s: float | None = None) -> int:
+        """Receive the next transfer into a file at path. The data lands in a temporary file beside it,
+        which replaces path only once every byte is verified, so a failed transfer never leaves a
+        truncated file behind (nor clobbers an existing one)."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        with self._receiving():
+            b = self._await_begin(timeout_s)
+            self._validate_begin(b, None)
+            if b.wrap_bytes:
+                raise self._fail(ProtocolError("a benchmark transfer cannot be received into a file"))
+            fd, tmp = tempfile.mkstemp(prefix=".dwcp-", suffix=".partial", dir=directory)
+            try:
+                if b.length:
+                    try:
+                        # Reserve the blocks first: writing through a mapping of a file the disk
+                        # cannot hold raises SIGBUS instead of an error.
+                        os.posix_fallocate(fd, 0, b.length)
+                    except OSError as e:
+                        reason = f"receiver cannot store {b.length} bytes in {directory}: {e.strerror}"
+                        # Refuse the transfer before any data is read; the sender gets the reason.
+                        raise self._fail(TransportError(reason, errno=e.errno)) from e
+                    with mmap.mmap(fd, b.length, prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                        mv = memoryview(m)
+                        try:
+                            n = self._recv_transfer(b, mv)
+                        finally:
+                            mv.release()
+                        m.flush()
+                else:
+                    n = self._recv_transfer(b, memoryview(bytearray(0)))
+                if b.mode:
+                    os.fchmod(fd, b.mode & 0o777)
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                os.replace(tmp, path)
+                return n
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    # ---- benchmarks -------------------------------------------------------------------------------
+    def send_for(self, buffer: Any, seconds: float) -> int:
+        """Memory-to-memory benchmark: send buffer over and over for about `seconds` as one transfer;
+        returns the bytes moved. The buffer size must be a multiple of the chunk size."""
+        mv = as_readable_view(buffer)
+        if len(mv) == 0 or len(mv) % self.params.chunk_bytes:
+            raise ConfigError(f"send_for needs a buffer whose size is a non-zero multiple of the chunk "
+                              f"size ({self.params.chunk_bytes})")
+        # A logical length no link can finish in time; the deadline truncates the transfer.
+        return self._send(mv, messages.KIND_BENCH, name="", length=1 << 62,
+                          deadline=time.monotonic() + seconds)
+
+    # ---- introspection ----------------------------------------------------------------------------
+    def live_stats(self) -> dict[str, int]:
+        """Engine counters only (cheap; safe to call from another thread during a transfer)."""
+        if self._closed:
+            return dict(self._last_stats)
+        return self._engine.stats()
+
+    def tcp_retransmits(self) -> int:
+        total = 0
+        for s in self._data:
+            try:
+                total += tcp_info(s).get("total_retrans")
+            except OSError:
+                pass
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and negotiated parameters of the session."""
+        engine = self.live_stats()
+        alive = 0 if self._closed else self._engine.alive_count()
+        return {
+            **self._counts,
+            "engine": engine,
+            "backend": self.backend,
+            "role": self.role,
+            "peer": f"{self.peer[0]}:{self.peer[1]}",
+            "streams": self.params.streams,
+            "streams_alive": alive,
+            "chunk_bytes": self.params.chunk_bytes,
+            "checksum": self.params.checksum,
+            "version": self.params.version,
+            "features": sorted(self.params.features),
+            "tls": isinstance(self._control, ssl.SSLSocket),
+            "insecure": self.params.insecure,
+            "zerocopy": self._zerocopy and not engine.get("zc_fallback", 0),
+            "zerocopy_reason": ("kernel copied MSG_ZEROCOPY sends; fell back to plain sends"
+                                if engine.get("zc_fallback") else self.zerocopy_reason),
+            "tcp_retransmits": 0 if self._closed else self.tcp_retransmits(),
+        }
