@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from dwcp.errors import ProtocolError
+from dwcp.errors import ConfigError, ProtocolError
 from dwcp.wire import _crc32c
 
 MAGIC = 0x50435744
@@ -86,8 +86,13 @@ def payload_checksum(flags: int, payload: bytes | bytearray | memoryview) -> int
 
 
 def encode_header(h: Header) -> bytes:
-    head = _HEADER.pack(MAGIC, h.version, h.type, h.flags, h.stream, 0, h.length, h.transfer_id,
-                        h.offset, h.checksum)
+    try:
+        head = _HEADER.pack(MAGIC, h.version, h.type, h.flags, h.stream, 0, h.length, h.transfer_id,
+                            h.offset, h.checksum)
+    except struct.error as e:
+        # A caller bug (negative or oversized field), not a peer's: say which value, as ConfigError,
+        # instead of letting struct.error escape from the wire layer.
+        raise ConfigError(f"frame header field out of range in {h!r}: {e}") from None
     return head + _TAIL.pack(crc32c(head), 0)
 
 
