@@ -24,7 +24,7 @@ from dwcp.errors import AuthError, ConfigError, DWCPError, ProtocolError, Transf
 from dwcp.transport.connect import tune_socket
 from dwcp.transport.options import SessionOptions, parse_address
 from dwcp.transport.session import Session
-from dwcp.wire import auth
+from dwcp.wire import auth, messages
 from dwcp.wire.frames import MAX_CONTROL_BYTES, FrameType, encode_frame
 from dwcp.wire.handshake import (ServerPolicy, SessionParams, parse_join, send_joined, server_handshake,
                                  verify_join)
@@ -197,7 +197,8 @@ class Listener:
         for p in gone:
             log.info("session from %s expired before all %d streams joined", p.peer, len(p.streams))
             try:
-                write_frame(p.control, encode_frame(FrameType.ERROR, b"not all data streams joined in time"))
+                write_frame(p.control, encode_frame(FrameType.ERROR, messages.encode_error(messages.Error(
+                    messages.ErrorCode.MALFORMED, "not all data streams joined in time"))))
             except OSError:
                 pass
             _close_all([p.control, *p.streams])

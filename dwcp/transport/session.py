@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from dwcp.errors import (ConfigError, DWCPError, PeerClosedError, ProtocolError, SessionClosedError,
-                         TransportError)
+                         TransferTimeout, TransportError)
 from dwcp.telemetry.tcp_info import tcp_info
 from dwcp.transport.engine import StreamSetLike, make_stream_set
 from dwcp.transport.options import SessionOptions, is_loopback
@@ -57,6 +57,13 @@ def as_writable_view(buffer: Any) -> memoryview:
     if mv.readonly:
         raise ConfigError("recv_into() needs a writable buffer (bytearray, numpy array, writable mmap)")
     return mv
+
+
+def _abort_reason(payload: bytes) -> str:
+    try:
+        return messages.decode_abort(payload).reason
+    except ProtocolError as e:
+        return f"(unreadable reason: {e})"
 
 
 class BufferTooSmall(ConfigError):
@@ -142,7 +149,8 @@ class Session:
             if not self._peer_closed:
                 try:
                     self._control.settimeout(1.0)
-                    write_frame(self._control, encode_frame(FrameType.ABORT, str(exc).encode()[:4096]))
+                    write_frame(self._control, encode_frame(
+                        FrameType.ABORT, messages.encode_abort(messages.Abort(str(exc)))))
                 except (OSError, DWCPError):
                     pass
             self._engine.close()
@@ -217,7 +225,7 @@ class Session:
                     return
                 hdr, payload = frame
                 if hdr.type == FrameType.ABORT:
-                    self._abort_reason = "peer aborted the transfer: " + payload.decode("utf-8", "replace")
+                    self._abort_reason = "peer aborted the transfer: " + _abort_reason(payload)
                     self._engine.interrupt()
                     return
                 if hdr.type == FrameType.CLOSE:
@@ -250,7 +258,7 @@ class Session:
         """Send the whole buffer. Returns its length once every byte is acknowledged by the peer, so the
         buffer may be reused or freed at once."""
         mv = as_readable_view(buffer)
-        return self._send(mv, messages.KIND_BUFFER, name="", length=len(mv), deadline=None)
+        return self._send(mv, messages.XferKind.BUFFER, name="", length=len(mv), deadline=None)
 
     def send_file(self, path: str | os.PathLike[str]) -> int:
         """Send a regular file (memory-mapped, so it is never copied in user space)."""
@@ -260,19 +268,19 @@ class Session:
                 raise ConfigError(f"send_file needs a regular file, {os.fspath(path)!r} is not one")
             name = os.path.basename(os.fspath(path))
             if st.st_size == 0:
-                return self._send(memoryview(b""), messages.KIND_FILE, name=name, length=0,
+                return self._send(memoryview(b""), messages.XferKind.FILE, name=name, length=0,
                                   deadline=None, mode=st.st_mode & 0o7777)
             with mmap.mmap(f.fileno(), st.st_size, prot=mmap.PROT_READ) as m:
                 m.madvise(mmap.MADV_SEQUENTIAL)
                 mv = memoryview(m)
                 try:
-                    return self._send(mv, messages.KIND_FILE, name=name, length=st.st_size,
+                    return self._send(mv, messages.XferKind.FILE, name=name, length=st.st_size,
                                       deadline=None, mode=st.st_mode & 0o7777)
                 finally:
                     mv.release()
 
-    def _send(self, mv: memoryview, kind: int, *, name: str, length: int, deadline: float | None,
-              mode: int = 0) -> int:
+    def _send(self, mv: memoryview, kind: messages.XferKind, *, name: str, length: int,
+              deadline: float | None, mode: int | None = None) -> int:
         self._check_open()
         if not self._lock.acquire(blocking=False):
             raise TransportError("another transfer is running on this session; a session carries one "
@@ -307,9 +315,17 @@ class Session:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if self._inbox and self._inbox[0][0].type == FrameType.XFER_BEGIN:
-                return messages.decode_xfer_begin(self._inbox[0][1])
+                try:
+                    return messages.decode_xfer_begin(self._inbox[0][1])
+                except ProtocolError as e:
+                    raise self._fail(e) from e
+            # Wait for the first byte outside read_frame: a timeout before any byte arrived leaves
+            # the session intact, while one in the middle of a frame would leave it out of sync.
+            while not self._inbox and not self._control_readable():
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TransferTimeout(f"no transfer arrived within {timeout_s:g} s")
             try:
-                hdr, payload = self._read_control(deadline)
+                hdr, payload = self._read_control(time.monotonic() + self.options.timeout_s)
             except PeerClosedError as e:
                 raise self._fail(PeerClosedError(f"peer closed the control connection: {e}")) from e
             except DWCPError as e:
@@ -320,7 +336,7 @@ class Session:
                 self._peer_closed = True
                 raise self._fail(PeerClosedError("the peer closed the session"))
             elif hdr.type == FrameType.ABORT:
-                raise self._fail(TransportError("peer aborted: " + payload.decode("utf-8", "replace")))
+                raise self._fail(TransportError("peer aborted: " + _abort_reason(payload)))
             else:
                 raise self._fail(ProtocolError(
                     f"unexpected frame type {hdr.type} on the control connection while waiting for a transfer"))
@@ -332,7 +348,7 @@ class Session:
         if b.chunk_bytes != self.params.chunk_bytes:
             raise self._fail(ProtocolError(f"transfer announces chunk size {b.chunk_bytes}, the session "
                                            f"negotiated {self.params.chunk_bytes}"))
-        if b.wrap_bytes and b.kind != messages.KIND_BENCH:
+        if b.wrap_bytes and b.kind != messages.XferKind.BENCH:
             raise self._fail(ProtocolError("only benchmark transfers may wrap around their buffer"))
 
     def _recv_transfer(self, b: messages.XferBegin, view: memoryview) -> int:
@@ -360,6 +376,12 @@ class Session:
             yield
         finally:
             self._lock.release()
+
+    def peek(self, timeout_s: float | None = None) -> messages.XferBegin:
+        """Describe the next incoming transfer (length, kind, name) without consuming it, so the caller
+        can choose where to receive it."""
+        with self._receiving():
+            return self._await_begin(timeout_s)
 
     def recv(self, timeout_s: float | None = None) -> bytearray:
         """Receive the next transfer into a new bytearray. timeout_s bounds the wait for it to start
@@ -425,7 +447,8 @@ class Session:
                         m.flush()
                 else:
                     n = self._recv_transfer(b, memoryview(bytearray(0)))
-                if b.mode:
+                if b.mode is not None:
+                    # Permission bits only: set-id bits from a peer are not ours to grant.
                     os.fchmod(fd, b.mode & 0o777)
                 os.fsync(fd)
                 os.close(fd)
@@ -447,7 +470,7 @@ class Session:
             raise ConfigError(f"send_for needs a buffer whose size is a non-zero multiple of the chunk "
                               f"size ({self.params.chunk_bytes})")
         # A logical length no link can finish in time; the deadline truncates the transfer.
-        return self._send(mv, messages.KIND_BENCH, name="", length=1 << 62,
+        return self._send(mv, messages.XferKind.BENCH, name="", length=1 << 62,
                           deadline=time.monotonic() + seconds)
 
     # ---- introspection ----------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Command-line tools (click); no logic the library does not expose."""

@@ -1,0 +1,311 @@
+"""dwcp-bench: memory-to-memory throughput between two hosts (or two processes), like iperf.
+
+    dwcp-bench server [--bind ADDR]
+    dwcp-bench client HOST [-P N] [-t SECONDS] [-l CHUNK] [--json]
+    dwcp-bench loopback [-P N] [-t SECONDS] [--json]
+
+The client sends one time-bounded transfer that wraps around a buffer (Session.send_for); the server
+receives it into a buffer of its own, then sends back a small JSON report (bytes, CPU time) so the
+client can print both sides' CPU use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+import dwcp
+from dwcp.errors import DWCPError
+from dwcp.transport.session import Session
+from dwcp.wire.messages import XferKind
+
+DEFAULT_PORT = 5301
+DEFAULT_BUFFER_BYTES = 32 << 20
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _fmt_rate(bps: float) -> str:
+    for unit, div in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("Kbit/s", 1e3)):
+        if bps >= div:
+            return f"{bps / div:7.2f} {unit}"
+    return f"{bps:7.0f} bit/s"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("GBytes", 1 << 30), ("MBytes", 1 << 20), ("KBytes", 1 << 10)):
+        if n >= div:
+            return f"{n / div:7.2f} {unit}"
+    return f"{n:7.0f} Bytes"
+
+
+def _key_options(f: Any) -> Any:
+    f = click.option("--insecure", is_flag=True,
+                     help="Run without authentication (both ends must say so).")(f)
+    f = click.option("--key-file", type=click.Path(dir_okay=False), default=None,
+                     help="File holding the pre-shared key (else $DWCP_KEY).")(f)
+    return f
+
+
+# ---- server ------------------------------------------------------------------------------------
+def serve_session(session: Session) -> None:
+    """Receive benchmark transfers until the client closes; answer each with a JSON report."""
+    buf: bytearray | None = None
+    with session:
+        while True:
+            try:
+                info = session.peek()
+            except DWCPError:
+                return  # client closed (or failed): nothing more to serve
+            if info.kind != XferKind.BENCH:
+                session.recv()  # a stray non-bench transfer: receive and drop it
+                continue
+            size = max(info.chunk_bytes, (min(info.wrap_bytes or DEFAULT_BUFFER_BYTES, 256 << 20)
+                                          // info.chunk_bytes) * info.chunk_bytes)
+            if buf is None or len(buf) != size:
+                buf = bytearray(size)
+            cpu0, t0 = _cpu_s(), time.monotonic()
+            n = session.recv_into(buf)
+            cpu1, t1 = _cpu_s(), time.monotonic()
+            report = {"bytes": n, "seconds": t1 - t0, "cpu_s": cpu1 - cpu0,
+                      "cpu_percent": 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9),
+                      "backend": session.backend, "stats": session.live_stats()}
+            session.send(json.dumps(report).encode())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """DWCP throughput benchmark (iperf-style)."""
+
+
+@main.command()
+@click.option("--bind", "bind", default=f":{DEFAULT_PORT}", show_default=True,
+              help="Address to listen on (HOST:PORT, :PORT for all).")
+@click.option("--once", is_flag=True, help="Exit after serving one client.")
+@_key_options
+def server(bind: str, once: bool, key_file: str | None, insecure: bool) -> None:
+    """Receive benchmark traffic from `dwcp-bench client`."""
+    try:
+        lis = dwcp.listen(bind, key_file=key_file, insecure=insecure)
+    except DWCPError as e:
+        raise click.ClickException(str(e)) from e
+    host, port = lis.address
+    click.echo(f"listening on {host or '*'}:{port}", err=False)
+    sys.stdout.flush()
+    with lis:
+        while True:
+            try:
+                session = lis.accept()
+            except KeyboardInterrupt:
+                return
+            click.echo(f"session from {session.peer[0]}:{session.peer[1]}: {session.params.streams} "
+                       f"streams, chunk {session.params.chunk_bytes} B, backend {session.backend}", err=True)
+            if once:
+                serve_session(session)
+                return
+            threading.Thread(target=serve_session, args=(session,), daemon=True).start()
+
+
+# ---- client ------------------------------------------------------------------------------------
+@dataclass
+class Interval:
+    start: float
+    end: float
+    bytes: int
+    retransmits: int
+
+    def as_dict(self) -> dict[str, Any]:
+        secs = max(self.end - self.start, 1e-9)
+        return {"start": round(self.start, 3), "end": round(self.end, 3), "bytes": self.bytes,
+                "throughput_bps": self.bytes * 8 / secs, "retransmits": self.retransmits}
+
+
+@dataclass
+class _Progress:
+    session: Session
+    seconds: float
+    interval_s: float
+    quiet: bool
+    tty: bool
+    intervals: list[Interval] = field(default_factory=list)
+
+    def run(self, done: threading.Event, t0: float) -> None:
+        last_t, last_b, last_r = 0.0, 0, self.session.tcp_retransmits()
+        next_report = self.interval_s
+        while not done.wait(0.1 if self.tty else min(0.1, self.interval_s)):
+            now = time.monotonic() - t0
+            moved = self.session.live_stats().get("bytes_payload", 0)
+            if now >= next_report:
+                r = self.session.tcp_retransmits()
+                iv = Interval(last_t, now, moved - last_b, r - last_r)
+                self.intervals.append(iv)
+                last_t, last_b, last_r = now, moved, r
+                next_report += self.interval_s
+                if not self.quiet:
+                    self._line(iv)
+            elif self.tty and not self.quiet:
+                frac = min(1.0, now / self.seconds)
+                bar = "#" * int(frac * 30)
+                rate = (moved - last_b) * 8 / max(now - last_t, 1e-9)
+                sys.stdout.write(f"\r[{bar:<30}] {now:5.1f}/{self.seconds:g} s  {_fmt_rate(rate)}")
+                sys.stdout.flush()
+        # The final partial interval.
+        now = time.monotonic() - t0
+        moved = self.session.live_stats().get("bytes_payload", 0)
+        if moved > last_b and now - last_t > 0.05:
+            iv = Interval(last_t, now, moved - last_b, self.session.tcp_retransmits() - last_r)
+            self.intervals.append(iv)
+            if not self.quiet:
+                self._line(iv)
+
+    def _line(self, iv: Interval) -> None:
+        prefix = "\r\x1b[K" if self.tty else ""
+        click.echo(f"{prefix}[SUM] {iv.start:6.2f}-{iv.end:6.2f} sec  {_fmt_bytes(iv.bytes)}  "
+                   f"{_fmt_rate(iv.as_dict()['throughput_bps'])}  retr {iv.retransmits}")
+
+
+def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int,
+               interval_s: float, key: bytes | str | None, key_file: str | None, insecure: bool,
+               quiet: bool) -> dict[str, Any]:
+    tty = sys.stdout.isatty() and not quiet
+    buffer_bytes = max(chunk_bytes, buffer_bytes // chunk_bytes * chunk_bytes)
+    # Incompressible bytes, so nothing below us (or a future compressing path) flatters the figure.
+    pattern = os.urandom(min(buffer_bytes, 1 << 20))
+    buf = bytearray((pattern * (buffer_bytes // len(pattern) + 1))[:buffer_bytes])
+    with dwcp.connect(addr, key=key, key_file=key_file, insecure=insecure, streams=streams,
+                      chunk_bytes=chunk_bytes, timeout_s=max(10.0, seconds)) as s:
+        if not quiet:
+            click.echo(f"Connecting to {addr}: {s.params.streams} streams, chunk {s.params.chunk_bytes} B, "
+                       f"checksum {s.params.checksum}, backend {s.backend}, zero-copy "
+                       f"{'on' if s.stats()['zerocopy'] else 'off'} ({s.zerocopy_reason})")
+        progress = _Progress(s, seconds, interval_s, quiet, tty)
+        done = threading.Event()
+        r0, cpu0, t0 = s.tcp_retransmits(), _cpu_s(), time.monotonic()
+        reporter = threading.Thread(target=progress.run, args=(done, t0), daemon=True)
+        reporter.start()
+        try:
+            moved = s.send_for(buf, seconds)
+        finally:
+            done.set()
+            reporter.join()
+        elapsed = time.monotonic() - t0
+        cpu = _cpu_s() - cpu0
+        retrans = s.tcp_retransmits() - r0
+        server_report = json.loads(bytes(s.recv(timeout_s=30)))
+        stats = s.stats()
+    return {
+        "throughput_bps": moved * 8 / elapsed,
+        "bytes": moved,
+        "seconds": elapsed,
+        "streams": stats["streams"],
+        "chunk_bytes": stats["chunk_bytes"],
+        "buffer_bytes": buffer_bytes,
+        "checksum": stats["checksum"],
+        "backend": stats["backend"],
+        "zerocopy": stats["zerocopy"],
+        "zerocopy_reason": stats["zerocopy_reason"],
+        "retransmits": retrans,
+        "chunks_resent": stats["engine"].get("chunks_resent", 0),
+        "intervals": [iv.as_dict() for iv in progress.intervals],
+        "cpu": {"client_percent": 100.0 * cpu / elapsed, "server_percent": server_report["cpu_percent"]},
+        "server": {"bytes": server_report["bytes"], "seconds": server_report["seconds"]},
+    }
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    click.echo("- " * 30)
+    click.echo(f"[SUM]   0.00-{r['seconds']:6.2f} sec  {_fmt_bytes(r['bytes'])}  "
+               f"{_fmt_rate(r['throughput_bps'])}  retr {r['retransmits']}  sender")
+    click.echo(f"streams {r['streams']}, chunk {r['chunk_bytes']} B, checksum {r['checksum']}, "
+               f"chunks re-sent {r['chunks_resent']}")
+    click.echo(f"CPU: client {r['cpu']['client_percent']:.0f}%, server {r['cpu']['server_percent']:.0f}% "
+               f"(100% = one core)")
+
+
+def _client_options(f: Any) -> Any:
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(f)
+    f = click.option("-i", "--interval", "interval_s", type=click.FloatRange(min=0.1), default=1.0,
+                     show_default=True, help="Seconds between interval reports.")(f)
+    f = click.option("--buffer-bytes", type=click.IntRange(min=4096), default=DEFAULT_BUFFER_BYTES,
+                     show_default=True, help="Size of the memory buffer the transfer wraps around.")(f)
+    f = click.option("-l", "--chunk", "chunk_bytes", type=click.IntRange(4096, 64 << 20), default=1 << 20,
+                     show_default=True, help="Chunk size in bytes.")(f)
+    f = click.option("-t", "--time", "seconds", type=click.FloatRange(min=0.1), default=10.0,
+                     show_default=True, help="Seconds to send.")(f)
+    f = click.option("-P", "--parallel", "streams", type=click.IntRange(1, 256), default=1,
+                     show_default=True, help="Number of parallel TCP streams.")(f)
+    return f
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_summary(result)
+
+
+@main.command()
+@click.argument("host")
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+@_client_options
+@_key_options
+def client(host: str, port: int, streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int,
+           interval_s: float, as_json: bool, key_file: str | None, insecure: bool) -> None:
+    """Send to a `dwcp-bench server` at HOST."""
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        result = run_client(addr, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
+                            buffer_bytes=buffer_bytes, interval_s=interval_s, key=None, key_file=key_file,
+                            insecure=insecure, quiet=as_json)
+    except DWCPError as e:
+        raise click.ClickException(str(e)) from e
+    _emit(result, as_json)
+
+
+@main.command()
+@_client_options
+def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, interval_s: float,
+             as_json: bool) -> None:
+    """Run a server in a child process on 127.0.0.1 and measure against it (random in-process key)."""
+    key = secrets.token_hex(32)
+    env = dict(os.environ, DWCP_KEY=key)  # never on the command line, where `ps` would show it
+    proc = subprocess.Popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", "127.0.0.1:0",
+                             "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening on "):
+            err = proc.stderr.read() if proc.stderr else ""
+            raise click.ClickException(f"benchmark server failed to start: {line.strip()} {err.strip()}")
+        port = int(line.rsplit(":", 1)[1])
+        result = run_client(f"127.0.0.1:{port}", streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
+                            buffer_bytes=buffer_bytes, interval_s=interval_s, key=key, key_file=None,
+                            insecure=False, quiet=as_json)
+        result["mode"] = "loopback"
+    except DWCPError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=5)
+    _emit(result, as_json)
+
+
+if __name__ == "__main__":
+    main()

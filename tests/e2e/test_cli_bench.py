@@ -1,0 +1,72 @@
+"""dwcp-bench and dwcp as users run them: real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TEST_KEY
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("streams", [1, 4])
+def test_loopback_json(streams: int) -> None:
+    r = run("dwcp.cli.bench", "loopback", "-P", str(streams), "-t", "1.5", "-i", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("throughput_bps", "bytes", "seconds", "streams", "intervals"):
+        assert key in out
+    assert out["streams"] == streams
+    assert out["bytes"] > 0 and out["throughput_bps"] > 0
+    assert out["intervals"] and sum(iv["bytes"] for iv in out["intervals"]) <= out["bytes"]
+    assert 0 < out["cpu"]["client_percent"] and 0 < out["cpu"]["server_percent"]
+
+
+def test_loopback_text_report() -> None:
+    r = run("dwcp.cli.bench", "loopback", "-P", "2", "-t", "1", "-i", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "[SUM]" in r.stdout and "CPU: client" in r.stdout and "sender" in r.stdout
+
+
+def test_server_client_pair_with_key_file(tmp_path: object) -> None:
+    from pathlib import Path
+    key = Path(str(tmp_path)) / "k"
+    key.write_bytes(TEST_KEY)
+    key.chmod(0o600)
+    srv = subprocess.Popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", "127.0.0.1:0",
+                            "--once", "--key-file", str(key)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None
+        port = srv.stdout.readline().rsplit(":", 1)[1].strip()
+        r = run("dwcp.cli.bench", "client", "127.0.0.1", "-p", port, "-P", "3", "-t", "1", "--json",
+                "--key-file", str(key))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["streams"] == 3
+        srv.wait(timeout=20)
+        assert srv.returncode == 0
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def test_client_without_key_says_what_to_do() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DWCP_KEY"}
+    r = subprocess.run([sys.executable, "-m", "dwcp.cli.bench", "client", "127.0.0.1", "-p", "9", "-t", "1"],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode != 0
+    assert "pre-shared key" in r.stderr and "--insecure" in r.stderr or "insecure" in r.stderr
+
+
+def test_features_command() -> None:
+    r = run("dwcp.cli.main", "features", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["features"]["cext"]["available"] is True
