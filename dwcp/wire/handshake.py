@@ -141,6 +141,26 @@ def _client_error(err: m.Error, *, have_key: bool, after_proof: bool) -> DWCPErr
     return ProtocolError(f"the server refused the handshake{said}", code=-16)
 
 
+class _ClientRefused(Exception):
+    """Internal: the client answered CHALLENGE with ERROR; carries the exception to raise."""
+
+    def __init__(self, error: DWCPError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _server_error(err: m.Error) -> _ClientRefused:
+    """The client refused our CHALLENGE (it sends ERROR in place of PROOF)."""
+    said = f" (client said: {err.reason})" if err.reason else ""
+    if err.code == ErrorCode.AUTH_FAILED:
+        return _ClientRefused(AuthError(
+            "the client could not verify this server's proof of the key: " + _KEY_ADVICE + said))
+    if err.code == ErrorCode.INSECURE_MISMATCH:
+        return _ClientRefused(AuthError("the client refused: exactly one side has a pre-shared key"
+                                        + said))
+    return _ClientRefused(ProtocolError("the client refused the handshake" + said, code=-16))
+
+
 # --------------------------------------------------------------------------------------------------
 # client
 
@@ -152,10 +172,10 @@ def client_handshake(sock: socket.socket, *, key: bytes | None, insecure: bool, 
     Raises ConfigError (no key and not insecure, bad offer: nothing is sent), AuthError (key mismatch,
     insecure mismatch, server failed to prove the key), ProtocolError (no common version, malformed
     or out-of-offer answer), PeerClosedError / TransferTimeout. The socket is closed on failure."""
-    k = auth.resolve_key(key, insecure)
-    validate_offer(offer)
-    deadline = _deadline(timeout_s)
     try:
+        k = auth.resolve_key(key, insecure)
+        validate_offer(offer)
+        deadline = _deadline(timeout_s)
         return _client(sock, k, offer, deadline)
     except BaseException:
         _close(sock)
@@ -174,16 +194,45 @@ def _client(sock: socket.socket, key: bytes | None, offer: Offer, deadline: floa
     if h.type == FrameType.ERROR:
         raise _client_error(m.decode_error(payload), have_key=key is not None, after_proof=False)
     ch, body = m.decode_challenge(payload)
-
     # Insecure mode is part of the negotiation: a client with a key never accepts an unauthenticated
     # server (that would let anyone in the path strip authentication), and vice versa.
-    if ch.insecure and key is not None:
-        raise AuthError("this client has a pre-shared key but the server runs without one "
-                        "(insecure): configure the same key on the server, or run both ends with "
-                        "insecure=True / --insecure")
-    if not ch.insecure and key is None:
-        raise AuthError("the server requires a pre-shared key but this client has none (insecure): "
-                        "pass key=... / --key-file on the client")
+    if ch.insecure != (key is None):
+        _refuse(sock, ErrorCode.INSECURE_MISMATCH, "exactly one side has a pre-shared key", deadline)
+        if key is not None:
+            raise AuthError("this client has a pre-shared key but the server runs without one "
+                            "(insecure): configure the same key on the server, or run both ends "
+                            "with insecure=True / --insecure")
+        raise AuthError("the server requires a pre-shared key but this client has none "
+                        "(insecure): pass key=... / --key-file on the client")
+    try:
+        proof, transcript = _check_challenge(key, offer, hello_payload, ch, body)
+    except AuthError:
+        # Tell the server why we hang up (it raises AuthError too); the reason stays generic.
+        _refuse(sock, ErrorCode.AUTH_FAILED, _AUTH_FAILED, deadline)
+        raise
+    except ProtocolError as e:
+        _refuse(sock, ErrorCode.NEGOTIATION, str(e), deadline)
+        raise
+    _send(sock, FrameType.PROOF, m.encode_proof(m.Proof(proof)), deadline)
+
+    h, payload = read_frame(sock, max_payload=_CTRL, deadline=deadline)
+    _expect(h, FrameType.WELCOME, FrameType.ERROR)
+    if h.type == FrameType.ERROR:
+        raise _client_error(m.decode_error(payload), have_key=key is not None, after_proof=True)
+    welcome = m.decode_welcome(payload)
+    session_key = auth.derive_session_key(key, hello.nonce, ch.nonce, transcript)
+    if not auth.macs_equal(welcome.mac, auth.welcome_mac(session_key, transcript,
+                                                         welcome.session_id)):
+        raise AuthError("the server's WELCOME does not verify under the session key: " + _KEY_ADVICE
+                        + " (or something in the path altered the handshake)")
+    return SessionParams(version=ch.version, streams=ch.streams, chunk_bytes=ch.chunk_bytes,
+                         checksum=ch.checksum, features=ch.features, session_id=welcome.session_id,
+                         session_key=session_key, insecure=key is None)
+
+
+def _check_challenge(key: bytes | None, offer: Offer, hello_payload: bytes, ch: m.Challenge,
+                     body: bytes) -> tuple[bytes, bytes]:
+    """Validate the server's CHALLENGE; return (our proof MAC, transcript hash)."""
     choice = Choice(version=ch.version, streams=ch.streams, chunk_bytes=ch.chunk_bytes,
                     checksum=ch.checksum, features=ch.features)
     check_choice(offer, choice)
@@ -197,22 +246,7 @@ def _client(sock: socket.socket, key: bytes | None, offer: Offer, deadline: floa
         proof = auth.client_proof(key, transcript)
     else:
         proof = bytes(m.MAC_BYTES)
-    _send(sock, FrameType.PROOF, m.encode_proof(m.Proof(proof)), deadline)
-
-    h, payload = read_frame(sock, max_payload=_CTRL, deadline=deadline)
-    _expect(h, FrameType.WELCOME, FrameType.ERROR)
-    if h.type == FrameType.ERROR:
-        raise _client_error(m.decode_error(payload), have_key=key is not None, after_proof=True)
-    welcome = m.decode_welcome(payload)
-    session_key = auth.derive_session_key(key, hello.nonce, ch.nonce, transcript)
-    if not auth.macs_equal(welcome.mac, auth.welcome_mac(session_key, transcript,
-                                                         welcome.session_id)):
-        raise AuthError("the server's WELCOME does not verify under the session key: " + _KEY_ADVICE
-                        + " (or something in the path altered the handshake)")
-    return SessionParams(version=choice.version, streams=choice.streams,
-                         chunk_bytes=choice.chunk_bytes, checksum=choice.checksum,
-                         features=choice.features, session_id=welcome.session_id,
-                         session_key=session_key, insecure=key is None)
+    return proof, transcript
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,10 +265,6 @@ def server_handshake(sock: socket.socket, hello: tuple[Header, bytes], *, key: b
         k = auth.resolve_key(key, insecure)
         validate_policy(policy)
         deadline = _deadline(timeout_s)
-    except BaseException:
-        _close(sock)
-        raise
-    try:
         return _server(sock, hello, k, policy, deadline)
     except BaseException:
         _close(sock)
@@ -279,8 +309,12 @@ def _server(sock: socket.socket, first: tuple[Header, bytes], key: bytes | None,
 
     h, payload = read_frame(sock, max_payload=_CTRL, deadline=deadline)
     try:
-        _expect(h, FrameType.PROOF)
+        _expect(h, FrameType.PROOF, FrameType.ERROR)
+        if h.type == FrameType.ERROR:
+            raise _server_error(m.decode_error(payload))
         proof = m.decode_proof(payload)
+    except _ClientRefused as e:
+        raise e.error from None
     except ProtocolError as e:
         _refuse(sock, ErrorCode.MALFORMED, str(e), deadline)
         raise
