@@ -4,9 +4,9 @@
     dwcp-bench client HOST [-P N] [-t SECONDS] [-l CHUNK] [--json]
     dwcp-bench loopback [-P N] [-t SECONDS] [--json]
 
-The client sends one time-bounded transfer that wraps around a buffer (Session.send_for); the server
-receives it into a buffer of its own, then sends back a small JSON report (bytes, CPU time) so the
-client can print both sides' CPU use.
+The client sends time-bounded transfers that wrap around a buffer (Session.send_for); the server
+receives them into a buffer of its own. Then the client asks for a small JSON report (bytes, CPU time)
+so it can print both sides' CPU use.
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ def _key_options(f: Any) -> Any:
 
 # ---- server ------------------------------------------------------------------------------------
 def serve_session(session: Session) -> None:
-    """Receive benchmark transfers until the client closes; answer each with a JSON report."""
+    """Receive benchmark transfers until the client asks for a report (a small JSON request), then
+    answer with the bytes, time and CPU used since the previous report; repeat until it closes."""
     buf: bytearray | None = None
+    moved, busy_s, cpu_s = 0, 0.0, 0.0
     with session:
         while True:
             try:
@@ -72,19 +74,25 @@ def serve_session(session: Session) -> None:
             except DWCPError:
                 return  # client closed (or failed): nothing more to serve
             if info.kind != XferKind.BENCH:
-                session.recv()  # a stray non-bench transfer: receive and drop it
+                try:
+                    request = json.loads(bytes(session.recv()))
+                except (ValueError, DWCPError):
+                    return
+                if request.get("op") == "report":
+                    report = {"bytes": moved, "seconds": busy_s, "cpu_s": cpu_s,
+                              "cpu_percent": 100.0 * cpu_s / max(busy_s, 1e-9),
+                              "backend": session.backend, "stats": session.live_stats()}
+                    session.send(json.dumps(report).encode())
+                    moved, busy_s, cpu_s = 0, 0.0, 0.0
                 continue
             size = max(info.chunk_bytes, (min(info.wrap_bytes or DEFAULT_BUFFER_BYTES, 256 << 20)
                                           // info.chunk_bytes) * info.chunk_bytes)
             if buf is None or len(buf) != size:
                 buf = bytearray(size)
             cpu0, t0 = _cpu_s(), time.monotonic()
-            n = session.recv_into(buf)
-            cpu1, t1 = _cpu_s(), time.monotonic()
-            report = {"bytes": n, "seconds": t1 - t0, "cpu_s": cpu1 - cpu0,
-                      "cpu_percent": 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9),
-                      "backend": session.backend, "stats": session.live_stats()}
-            session.send(json.dumps(report).encode())
+            moved += session.recv_into(buf)
+            cpu_s += _cpu_s() - cpu0
+            busy_s += time.monotonic() - t0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -205,6 +213,7 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
         elapsed = time.monotonic() - t0
         cpu = _cpu_s() - cpu0
         retrans = s.tcp_retransmits() - r0
+        s.send(json.dumps({"op": "report"}).encode())
         server_report = json.loads(bytes(s.recv(timeout_s=30)))
         stats = s.stats()
     return {
