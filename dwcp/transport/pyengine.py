@@ -1,0 +1,1105 @@
+"""The pure-Python AMST engine: the same striped transfers as the C engine (``dwcp._core.StreamSet``).
+
+Used for TLS sessions (no kernel TLS here, so bytes must pass through Python ``ssl`` objects), when
+``DWCP_BACKEND=python``, and by the tests that run one suite against both engines and check that they
+interoperate. It follows docs/protocol.md ("Frame header", "Transfers") byte for byte.
+
+Design
+------
+Each ``send()``/``recv_into()`` call runs one selector loop in the calling thread over every live
+stream, like the C engine's poll loop. A stream that is writable pulls the next chunk (re-queued
+chunks first), so fast streams carry more; every readable stream is read frame by frame.
+
+Why one thread and not a reader and a writer thread per stream: an ``ssl.SSLSocket`` must not be read
+and written from two threads at once (OpenSSL's ``SSL`` object is not thread-safe, and TLS 1.3 reads
+can trigger writes), and a single loop keeps every piece of transfer state owned by one thread, so
+there are no locks on the data path. Syscalls and checksums release the GIL, so throughput is
+bounded by the kernel and xxh3, not by the loop.
+
+Per-stream state (a half-read header, the rest of a payload to discard, a frame of a *future* transfer
+whose header was already read, a half-written frame) lives in ``_Stream`` and survives across calls,
+as amst.h requires: when a transfer completes while a stream is in the middle of sending a duplicate
+chunk, the rest of that frame is copied into a private buffer and finished at the start of the next
+call, so the caller's buffer is never touched after a call returns; a receiver that is in the middle
+of a duplicate's payload discards the rest in the next call.
+
+Transfer ids must increase per direction (docs/protocol.md "Transfers"): frames with an earlier id
+are stale duplicates and are discarded, which is only safe if ids are never reused.
+
+Zero-copy: ``zerocopy``/``zc_min_bytes`` are accepted for API compatibility and ignored
+(``zc_sends`` stays 0). MSG_ZEROCOPY needs ``sendmsg(MSG_ZEROCOPY)`` plus reaping completions from the
+socket error queue before the caller may reuse its buffer; an ``SSLSocket`` encrypts into its own
+buffers (so there is nothing to pin), and on plain sockets Python exposes no error-queue completion
+parsing that would let us know when the kernel released the pages.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno as _errno
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dwcp import errors
+from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
+                         TransferTimeout, TransportError)
+from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
+                              encode_header, payload_checksum)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from typing_extensions import Buffer, Self
+
+__all__ = ["PyStreamSet", "MAX_STREAMS"]
+
+log = logging.getLogger(__name__)
+
+MAX_STREAMS = 256
+_CSUM_MASK = int(Flag.CSUM_CRC32C | Flag.CSUM_XXH3)
+_CSUM_CHOICES = (0, int(Flag.CSUM_CRC32C), int(Flag.CSUM_XXH3))
+_NO_PAYLOAD_TYPES = frozenset({FrameType.ACK, FrameType.NACK, FrameType.DONE, FrameType.TRUNCATE})
+_RX_TYPES = frozenset({FrameType.DATA, FrameType.TRUNCATE})   # legal for a receiver to read
+_TX_TYPES = frozenset({FrameType.ACK, FrameType.NACK, FrameType.DONE})  # legal for a sender to read
+
+# Bytes one stream may move per loop visit before the loop serves the others (fairness; a stream
+# whose socket keeps accepting data would otherwise starve the rest of the set).
+_VISIT_BUDGET = 8 << 20
+# Largest plaintext handed to one SSL write: bounded so the retry-with-the-same-buffer rule of a
+# non-blocking SSL_write (see _Stream.send_frames) concerns a small, fixed slice.
+_SSL_PIECE = 256 << 10
+# Duplicates and stale payloads are read here and dropped (its content is never looked at).
+_SCRATCH_BYTES = 1 << 20
+# Header-only frames (ACK/NACK/DONE/TRUNCATE) coalesced into one write.
+_MAX_COALESCE = 64
+# Upper bound of one selector wait, so a lost wakeup can never stall a loop for long.
+_MAX_WAIT_S = 1.0
+
+_STAT_KEYS = ("bytes_payload", "bytes_wire", "chunks", "chunks_resent", "chunks_duplicate",
+              "checksum_errors", "streams_failed", "zc_sends", "zc_completions", "zc_copied",
+              "zc_fallback", "last_errno", "last_failed_stream", "truncated_at")
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class _StreamDied(Exception):
+    """Internal: stream ``index`` can no longer be used (EOF, socket error or protocol violation)."""
+
+    def __init__(self, reason: str, *, errno: int = 0, error: Exception | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.errno = errno
+        self.error = error
+
+
+def _violation(message: str, code: int, stream: int) -> _StreamDied:
+    err = ProtocolError(f"stream {stream}: {message}", code=code, stream=stream)
+    return _StreamDied(str(err), error=err)
+
+
+class _OutFrame:
+    """One frame queued on a stream: a 48-byte header and, for DATA, a view of the payload.
+
+    ``borrowed`` means the payload views the caller's buffer; such a frame must be finished from a
+    private copy (or dropped, if nothing of it was written yet) before the call returns."""
+
+    __slots__ = ("header", "payload", "hpos", "ppos", "type", "transfer_id", "chunk", "borrowed",
+                 "attempted")
+
+    def __init__(self, header: bytes, *, type: int, transfer_id: int, chunk: int = -1,
+                 payload: memoryview | None = None) -> None:
+        self.header = header
+        self.payload = payload
+        self.hpos = 0
+        self.ppos = 0
+        self.type = type
+        self.transfer_id = transfer_id
+        self.chunk = chunk
+        self.borrowed = payload is not None
+        # An SSL write that raised WANT_WRITE may already have committed (encrypted, partly sent)
+        # some of the frame, which must then be completed with the same bytes: such a frame counts
+        # as started even though hpos is still 0.
+        self.attempted = False
+
+    @property
+    def started(self) -> bool:
+        return self.hpos > 0 or self.attempted
+
+    @property
+    def done(self) -> bool:
+        return self.hpos == HEADER_BYTES and (self.payload is None or self.ppos == len(self.payload))
+
+    def advance(self, n: int) -> int:
+        """Account n written bytes; returns how many of them were left over for the next frame."""
+        h = min(n, HEADER_BYTES - self.hpos)
+        self.hpos += h
+        n -= h
+        if self.payload is not None and n:
+            p = min(n, len(self.payload) - self.ppos)
+            self.ppos += p
+            n -= p
+        return n
+
+    def detach(self) -> None:
+        """Replace the borrowed payload by a private copy of its unwritten part (see module doc)."""
+        if self.payload is not None and self.borrowed:
+            rest = bytes(self.payload[self.ppos:])
+            self.payload.release()
+            self.payload = memoryview(rest)
+            self.ppos = 0
+            self.borrowed = False
+
+
+class _Stream:
+    """One data connection and its frame-level state, which outlives a single transfer."""
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        self.ssl_sock = sock if isinstance(sock, ssl.SSLSocket) else None
+        self.alive = True
+        self.kill_requested = False
+        self.out: deque[_OutFrame] = deque()
+        # Reader: a header being assembled, then (rx_header set) its payload.
+        self.hbuf = bytearray(HEADER_BYTES)
+        self.hview = memoryview(self.hbuf)
+        self.hpos = 0
+        self.rx_header: Header | None = None
+        self.rx_remaining = 0
+        self.rx_target: memoryview | None = None  # None: payload goes to scratch and is dropped
+        self.rx_chunk = -1                        # chunk being written into the destination, or -1
+        self.rx_ack_after_discard = False         # duplicate of a verified chunk: ACK it again
+        # A header of a later transfer read before its recv call: reading pauses until it can be
+        # dispatched (the payload that follows must go to a destination we do not have yet).
+        self.parked: Header | None = None
+        self.outstanding: set[int] = set()        # sender: chunks pulled by this stream, not ACKed
+        self.mask = 0                             # events currently registered with the selector
+
+    def rx_pending(self) -> bool:
+        """Decrypted bytes wait inside the SSL object: the socket may never turn readable for them."""
+        return self.ssl_sock is not None and self.parked is None and self.ssl_sock.pending() > 0
+
+    def discard_rest(self) -> None:
+        """Stop writing the current payload into the caller's buffer; drop the rest of it instead."""
+        if self.rx_target is not None:
+            self.rx_target.release()
+            self.rx_target = None
+        self.rx_chunk = -1
+        self.rx_ack_after_discard = False
+
+    def reset_reader(self) -> None:
+        self.discard_rest()
+        self.hpos = 0
+        self.rx_header = None
+        self.rx_remaining = 0
+        self.parked = None
+
+    def send_frames(self) -> int:
+        """Write as much of the queued frames as the socket takes now; returns bytes written.
+
+        Raises a _WOULD_BLOCK exception when nothing could be written. Plain sockets write a DATA
+        frame with one sendmsg of (header, payload view): no user-space copy. SSL sockets cannot
+        sendmsg; their writes go through SSL_write, which after WANT_WRITE must be retried with the
+        same bytes: we always retry with the same slice (positions only advance after a write
+        returned), so the rule holds without bookkeeping, even after detach() moved the bytes."""
+        head = self.out[0]
+        if head.payload is None:
+            frames: list[_OutFrame] = []
+            for f in self.out:
+                if f.payload is not None or len(frames) == _MAX_COALESCE:
+                    break
+                frames.append(f)
+            parts = [memoryview(f.header)[f.hpos:] for f in frames]
+            if self.ssl_sock is not None:
+                n = self.sock.send(b"".join(parts))
+            else:
+                n = self.sock.sendmsg(parts)
+            rest = n
+            for f in frames:
+                rest = f.advance(rest)
+                if not f.done:
+                    break
+            return n
+        payload = head.payload
+        if self.ssl_sock is not None:
+            head.attempted = True
+            if head.hpos < HEADER_BYTES:
+                n = self.sock.send(memoryview(head.header)[head.hpos:])
+            else:
+                n = self.sock.send(payload[head.ppos:head.ppos + _SSL_PIECE])
+        elif head.hpos < HEADER_BYTES:
+            n = self.sock.sendmsg([memoryview(head.header)[head.hpos:], payload[head.ppos:]])
+        else:
+            n = self.sock.send(payload[head.ppos:])
+        head.advance(n)
+        return n
+
+
+class _Transfer(abc.ABC):
+    """What one call wants from the loop. Subclasses implement the sender and receiver rules."""
+
+    transfer_id: int
+    csum_flags: int
+
+    @abc.abstractmethod
+    def on_header(self, st: _Stream, h: Header) -> None:
+        """A validated header arrived on st: act on it, or set up st to read/discard its payload
+        (st.rx_header) or park it (st.parked). Raises _StreamDied for a protocol violation."""
+
+    def on_payload(self, st: _Stream) -> None:
+        """The payload announced by st.rx_header is fully read (into the destination or scratch)."""
+
+    def can_pull(self, st: _Stream) -> bool:
+        return False
+
+    def pull(self, st: _Stream) -> _OutFrame | None:
+        return None
+
+    def on_stream_dead(self, st: _Stream) -> None:
+        """Release what the dead stream held (re-queue its chunks, free its chunk states)."""
+
+    def tick(self, now: float) -> float | None:
+        """Time-driven work (the sender's deadline); returns the next instant it needs, if any."""
+        return None
+
+    @abc.abstractmethod
+    def complete(self) -> bool:
+        """True once the call may return."""
+
+    @abc.abstractmethod
+    def progress(self) -> str:
+        """Where the transfer stands, for error messages."""
+
+    def header(self, st: _Stream, type: int, offset: int) -> _OutFrame:
+        """A header-only frame of this transfer for stream st. Flags 0, as the C engine writes them:
+        there is no payload to checksum, and the header has its own CRC."""
+        return _OutFrame(encode_header(Header(type=type, flags=0, stream=st.index,
+                                              transfer_id=self.transfer_id, offset=offset)),
+                         type=type, transfer_id=self.transfer_id)
+
+
+class _ChunkMap:
+    """Which chunks are settled: a contiguous prefix plus a set of settled chunks above it.
+
+    Chunks settle roughly in order, so this stays small even for a wrapping benchmark transfer of
+    millions of chunks (a per-chunk array would not)."""
+
+    def __init__(self) -> None:
+        self.below = 0
+        self.above: set[int] = set()
+
+    def __contains__(self, k: int) -> bool:
+        return k < self.below or k in self.above
+
+    def add(self, k: int) -> bool:
+        """Mark chunk k settled; False if it already was."""
+        if k in self:
+            return False
+        self.above.add(k)
+        while self.below in self.above:
+            self.above.discard(self.below)
+            self.below += 1
+        return True
+
+    def count(self) -> int:
+        return self.below + len(self.above)
+
+
+def _chunk_count(length: int, chunk_bytes: int) -> int:
+    return -(-length // chunk_bytes)
+
+
+class _Layout:
+    """Where logical byte offsets of a transfer live in the caller's buffer (with wrapping)."""
+
+    def __init__(self, view: memoryview, length: int, chunk_bytes: int) -> None:
+        self.view = view
+        self.length = length
+        self.chunk_bytes = chunk_bytes
+
+    def chunk_size(self, k: int) -> int:
+        return min(self.chunk_bytes, self.length - k * self.chunk_bytes)
+
+    def chunk_view(self, k: int, size: int) -> memoryview:
+        start = (k * self.chunk_bytes) % len(self.view) if len(self.view) else 0
+        return self.view[start:start + size]
+
+
+class _SendTransfer(_Transfer):
+    """Sender rules of docs/protocol.md "Transfers"."""
+
+    def __init__(self, owner: PyStreamSet, layout: _Layout, *, transfer_id: int, csum_flags: int,
+                 frame_flags: int, deadline: float | None) -> None:
+        self.owner = owner
+        self.layout = layout
+        self.transfer_id = transfer_id
+        self.csum_flags = csum_flags
+        self.frame_flags = frame_flags
+        self.deadline = deadline
+        self.length = layout.length               # logical length; shrinks on truncation
+        self.total = _chunk_count(self.length, layout.chunk_bytes)
+        self.next_fresh = 0                       # chunks [0, next_fresh) have been started
+        self.requeue: deque[int] = deque()        # chunks to send again, front first
+        self.queued: set[int] = set()
+        self.carrier: dict[int, int] = {}         # chunk -> stream whose outstanding set holds it
+        self.acked = _ChunkMap()
+        self.acked_bytes = 0
+        self.done_received = False
+        self.stop_new = False                     # deadline passed: no new chunk may start
+
+    # -- pulling chunks --------------------------------------------------------------------------
+    def can_pull(self, st: _Stream) -> bool:
+        if self.done_received:
+            return False
+        return bool(self.requeue) or (not self.stop_new and self.next_fresh < self.total)
+
+    def pull(self, st: _Stream) -> _OutFrame | None:
+        if self.done_received:
+            return None
+        while self.requeue:
+            k = self.requeue.popleft()
+            self.queued.discard(k)
+            if k in self.acked or k >= self.total:
+                continue
+            self.owner._stat("chunks_resent")
+            return self._frame(st, k)
+        if self.stop_new or self.next_fresh >= self.total:
+            return None
+        k = self.next_fresh
+        self.next_fresh += 1
+        return self._frame(st, k)
+
+    def _frame(self, st: _Stream, k: int) -> _OutFrame:
+        size = self.layout.chunk_size(k)
+        payload = self.layout.chunk_view(k, size)
+        h = Header(type=FrameType.DATA, flags=self.csum_flags | self.frame_flags, stream=st.index,
+                   length=size, transfer_id=self.transfer_id, offset=k * self.layout.chunk_bytes,
+                   checksum=payload_checksum(self.csum_flags, payload))
+        self._hand_to(st, k)
+        return _OutFrame(encode_header(h), type=FrameType.DATA, transfer_id=self.transfer_id, chunk=k,
+                         payload=payload)
+
+    def _hand_to(self, st: _Stream, k: int) -> None:
+        prev = self.carrier.get(k)
+        if prev is not None:
+            self.owner._streams[prev].outstanding.discard(k)
+        self.carrier[k] = st.index
+        st.outstanding.add(k)
+
+    def _settle(self, k: int) -> None:
+        prev = self.carrier.pop(k, None)
+        if prev is not None:
+            self.owner._streams[prev].outstanding.discard(k)
+
+    def _push_front(self, ks: list[int]) -> None:
+        for k in sorted(ks, reverse=True):
+            if k not in self.queued and k not in self.acked and k < self.total:
+                self.requeue.appendleft(k)
+                self.queued.add(k)
+
+    # -- frames from the receiver ----------------------------------------------------------------
+    def on_header(self, st: _Stream, h: Header) -> None:
+        owner = self.owner
+        if h.type in _RX_TYPES:
+            # The other direction's frames: leftovers of a transfer we received earlier are stale
+            # (drop them); anything newer belongs to a receive call that has not started yet.
+            if h.transfer_id <= owner._last_recv_id:
+                owner._discard(st, h)
+            else:
+                st.parked = h
+            return
+        if h.type not in _TX_TYPES:
+            raise _violation(f"frame type {h.type} is not legal on a data stream of a sender",
+                             errors.E_TYPE, st.index)
+        if h.transfer_id < self.transfer_id:
+            return  # ACK/DONE of an earlier transfer of ours, read late: stale
+        if h.transfer_id > self.transfer_id:
+            raise _violation(f"{FrameType(h.type).name} for transfer {h.transfer_id}, but transfer "
+                             f"{self.transfer_id} is the newest one sent", errors.E_PEER, st.index)
+        if h.type == FrameType.DONE:
+            self._all_done()
+            return
+        c = self.layout.chunk_bytes
+        if h.offset % c or h.offset // c >= self.next_fresh:
+            raise _violation(f"{FrameType(h.type).name} for offset {h.offset}, which is not a chunk "
+                             f"that was sent", errors.E_RANGE, st.index)
+        k = h.offset // c
+        if h.type == FrameType.ACK:
+            if self.acked.add(k):
+                self._settle(k)
+                size = self.layout.chunk_size(k)
+                self.acked_bytes += size
+                owner._stat("chunks")
+                owner._stat("bytes_payload", size)
+        elif k not in self.acked:  # NACK: the receiver dropped it; send it again first
+            self._settle(k)
+            self._push_front([k])
+
+    def _all_done(self) -> None:
+        if self.done_received:
+            return
+        self.done_received = True
+        # Count the chunks whose ACKs we will never read as acknowledged (arithmetically: a wrapping
+        # transfer may have millions of chunks).
+        self.owner._stat("chunks", self.total - self.acked.count())
+        self.owner._stat("bytes_payload", self.length - self.acked_bytes)
+        self.acked_bytes = self.length
+        self.requeue.clear()
+        self.queued.clear()
+
+    def on_stream_dead(self, st: _Stream) -> None:
+        lost = [k for k in st.outstanding if k not in self.acked]
+        for k in st.outstanding:
+            self.carrier.pop(k, None)
+        st.outstanding.clear()
+        self._push_front(lost)
+
+    # -- deadline --------------------------------------------------------------------------------
+    def tick(self, now: float) -> float | None:
+        if self.deadline is None or self.stop_new:
+            return None
+        if now < self.deadline:
+            return self.deadline
+        self.stop_new = True
+        started = min(self.next_fresh * self.layout.chunk_bytes, self.length)
+        if started < self.length and not self.done_received:
+            # Tell the receiver where the transfer now ends, on every live stream, behind whatever
+            # frame each one is writing (so the TRUNCATE can never overtake a chunk below it).
+            self.length = started
+            self.total = self.next_fresh
+            self.owner._stats["truncated_at"] = started
+            for s in self.owner._live():
+                s.out.append(self.header(s, FrameType.TRUNCATE, started))
+        return None
+
+    def complete(self) -> bool:
+        if not self.done_received and self.acked.below < self.total:
+            return False
+        # A TRUNCATE still queued must reach the peer, or it would wait for chunks never sent.
+        return not any(f.type == FrameType.TRUNCATE and f.transfer_id == self.transfer_id
+                       for s in self.owner._live() for f in s.out)
+
+    def progress(self) -> str:
+        return f"{self.acked.count()}/{self.total} chunks acknowledged"
+
+
+class _RecvTransfer(_Transfer):
+    """Receiver rules of docs/protocol.md "Transfers"."""
+
+    def __init__(self, owner: PyStreamSet, layout: _Layout, *, transfer_id: int,
+                 csum_flags: int) -> None:
+        self.owner = owner
+        self.layout = layout
+        self.transfer_id = transfer_id
+        self.csum_flags = csum_flags
+        self.length = layout.length
+        self.total = _chunk_count(self.length, layout.chunk_bytes)
+        self.verified = _ChunkMap()           # DONE chunks
+        self.writing: dict[int, int] = {}     # WRITING chunks -> stream; absent from both: EMPTY
+        self.done_sent = False
+        self.truncated = False
+        self.touched = 0                      # chunks [0, touched) include every one ever started
+        self._check_done()
+
+    def on_header(self, st: _Stream, h: Header) -> None:
+        owner = self.owner
+        if h.type in _TX_TYPES:
+            # ACK/NACK/DONE of a transfer this set sent earlier, read after that call returned.
+            if h.transfer_id <= owner._last_send_id:
+                return
+            raise _violation(f"{FrameType(h.type).name} for transfer {h.transfer_id}, which this side "
+                             f"never sent", errors.E_PEER, st.index)
+        if h.type not in _RX_TYPES:
+            raise _violation(f"frame type {h.type} is not legal on a data stream of a receiver",
+                             errors.E_TYPE, st.index)
+        if h.transfer_id < self.transfer_id:
+            owner._discard(st, h)   # stale duplicate of an earlier transfer
+            if h.type == FrameType.DATA:
+                owner._stat("chunks_duplicate")
+            return
+        if h.transfer_id > self.transfer_id:
+            st.parked = h           # the sender is already on a later transfer: keep it for that call
+            return
+        c = self.layout.chunk_bytes
+        if h.type == FrameType.TRUNCATE:
+            if h.offset > self.length or (h.offset % c and h.offset != self.length):
+                raise _violation(f"TRUNCATE to {h.offset} bytes: not a chunk boundary within the "
+                                 f"transfer of {self.length} bytes", errors.E_RANGE, st.index)
+            if self.truncated:
+                if h.offset == self.length:
+                    return  # the same TRUNCATE, sent on every stream
+                raise _violation(f"second TRUNCATE to {h.offset} bytes after one to {self.length}",
+                                 errors.E_PEER, st.index)
+            if self.touched > _chunk_count(h.offset, c):
+                raise _violation(f"TRUNCATE to {h.offset} bytes cuts off chunks the sender already "
+                                 "started", errors.E_RANGE, st.index)
+            self.truncated = True
+            self.length = h.offset
+            self.layout.length = h.offset
+            self.total = _chunk_count(h.offset, c)
+            owner._stats["truncated_at"] = h.offset
+            self._check_done()
+            return
+        if (h.flags & _CSUM_MASK) != self.csum_flags:
+            raise _violation(f"DATA checksum flags 0x{h.flags & _CSUM_MASK:x} differ from the "
+                             f"negotiated 0x{self.csum_flags:x}", errors.E_FLAGS, st.index)
+        if h.offset % c or h.offset >= self.length:
+            raise _violation(f"DATA at offset {h.offset}: not a chunk boundary inside the transfer of "
+                             f"{self.length} bytes (chunk {c})", errors.E_RANGE, st.index)
+        k = h.offset // c
+        size = self.layout.chunk_size(k)
+        if h.length != size:
+            raise _violation(f"DATA at offset {h.offset} carries {h.length} bytes, the chunk there is "
+                             f"{size} bytes", errors.E_LENGTH, st.index)
+        if k in self.verified or k in self.writing:
+            # A re-send after a stream death or NACK raced another copy: never let it touch bytes
+            # that are verified or being written by another stream.
+            owner._stat("chunks_duplicate")
+            owner._discard(st, h)
+            st.rx_ack_after_discard = k in self.verified
+            return
+        self.writing[k] = st.index
+        self.touched = max(self.touched, k + 1)
+        st.rx_header = h
+        st.rx_remaining = h.length
+        st.rx_target = self.layout.chunk_view(k, size)
+        st.rx_chunk = k
+
+    def on_payload(self, st: _Stream) -> None:
+        h = st.rx_header
+        assert h is not None
+        owner = self.owner
+        if st.rx_target is None:
+            if st.rx_ack_after_discard and h.transfer_id == self.transfer_id:
+                # Repeat the ACK: the first one may have been lost with the stream that carried it.
+                st.out.append(self.header(st, FrameType.ACK, h.offset))
+            return
+        k = st.rx_chunk
+        self.writing.pop(k, None)
+        good = not self.csum_flags or payload_checksum(self.csum_flags, st.rx_target) == h.checksum
+        if good:
+            if self.verified.add(k):
+                owner._stat("chunks")
+                owner._stat("bytes_payload", h.length)
+            st.out.append(self.header(st, FrameType.ACK, h.offset))
+            self._check_done()
+        else:
+            owner._stat("checksum_errors")
+            log.warning("stream %d: chunk at offset %d of transfer %d failed its checksum; NACKed",
+                        st.index, h.offset, self.transfer_id)
+            st.out.append(self.header(st, FrameType.NACK, h.offset))
+
+    def _check_done(self) -> None:
+        if not self.done_sent and self.verified.below >= self.total:
+            self.done_sent = True
+            for s in self.owner._live():
+                s.out.append(self.header(s, FrameType.DONE, self.length))
+
+    def on_stream_dead(self, st: _Stream) -> None:
+        for k in [k for k, i in self.writing.items() if i == st.index]:
+            del self.writing[k]   # back to EMPTY: another stream's copy may now be written
+
+    def complete(self) -> bool:
+        # Return only once DONE (and any ACKs) left on every live stream: the sender may need them.
+        return self.done_sent and not any(s.out for s in self.owner._live())
+
+    def progress(self) -> str:
+        return f"{self.verified.count()}/{self.total} chunks verified"
+
+
+class PyStreamSet:
+    """The data streams of one session, driven by the pure-Python engine.
+
+    ``socks`` are connected TCP sockets, plain or ``ssl.SSLSocket`` with the handshake done; stream
+    ``i`` is ``socks[i]``. The engine makes them non-blocking and sets TCP_NODELAY (so ACKs are not
+    held back by Nagle); they stay owned by the caller, who closes them after :meth:`close`.
+
+    One transfer runs at a time (either direction); transfer ids must increase per direction.
+    ``stats()``, ``alive()``, ``kill()``, ``interrupt()`` and ``close()`` may be called from other
+    threads while a transfer runs."""
+
+    def __init__(self, socks: Sequence[socket.socket]) -> None:
+        if not 1 <= len(socks) <= MAX_STREAMS:
+            raise ConfigError(f"a stream set needs 1 to {MAX_STREAMS} sockets, got {len(socks)}")
+        self.count: int = len(socks)
+        self._streams = [_Stream(i, s) for i, s in enumerate(socks)]
+        self._stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
+        self._lock = threading.Lock()         # guards _running, _closed, _interrupted, kills
+        self._running = False
+        self._closed = False
+        self._interrupted = False
+        self._last_send_id = -1
+        self._last_recv_id = -1
+        self._scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        self._last_error: str = ""
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        for st in self._streams:
+            st.sock.setblocking(False)
+            try:
+                st.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (a Unix socketpair in a test): nothing to tune
+            st.mask = selectors.EVENT_READ
+            self._sel.register(st.sock, st.mask, st)
+
+    # ---- public API --------------------------------------------------------------------------------
+    def send(self, buffer: Buffer, *, transfer_id: int, chunk_bytes: int, csum_flags: int,
+             length: int | None = None, frame_flags: int = 0, timeout_s: float = 30.0,
+             zerocopy: bool = False, zc_min_bytes: int = 0, deadline: float | None = None) -> int:
+        """Send ``buffer`` (or its first ``length`` bytes; more than its size wraps around it) as
+        transfer ``transfer_id``. Returns the logical length sent (shorter after ``deadline``, a
+        ``time.monotonic()`` instant) once every chunk is acknowledged or the receiver said DONE;
+        the buffer is no longer referenced then. ``zerocopy``/``zc_min_bytes`` are ignored (see the
+        module docstring)."""
+        del zerocopy, zc_min_bytes
+        view = _byte_view(buffer, writable=False)
+        try:
+            if length is None:
+                length = len(view)
+            _check_common(view, transfer_id=transfer_id, length=length, chunk_bytes=chunk_bytes,
+                          csum_flags=csum_flags)
+            if frame_flags & ~int(Flag.COMPRESSED):
+                raise ConfigError(f"frame_flags 0x{frame_flags:x}: only COMPRESSED (0x4) may be added to "
+                                  "DATA frames; the checksum is chosen by csum_flags")
+            if transfer_id <= self._last_send_id:
+                raise ConfigError(f"transfer id {transfer_id} is not above the last one sent "
+                                  f"({self._last_send_id}); ids must increase or stale ACKs could be "
+                                  "taken for this transfer's")
+            layout = _Layout(view, length, chunk_bytes)
+            with self._call():
+                self._last_send_id = transfer_id
+                xfer = _SendTransfer(self, layout, transfer_id=transfer_id, csum_flags=csum_flags,
+                                     frame_flags=frame_flags, deadline=deadline)
+                try:
+                    self._run(xfer, timeout_s)
+                finally:
+                    self._release_sender_frames()
+                return xfer.length
+        finally:
+            view.release()
+
+    def recv_into(self, buffer: Buffer, *, transfer_id: int, length: int, chunk_bytes: int,
+                  csum_flags: int, timeout_s: float = 30.0) -> int:
+        """Receive transfer ``transfer_id`` of ``length`` bytes into ``buffer`` (wrapping around it when
+        ``length`` exceeds its size). Returns the logical length received (shorter if the sender
+        truncated) once every chunk is verified and DONE went out on every live stream."""
+        view = _byte_view(buffer, writable=True)
+        try:
+            _check_common(view, transfer_id=transfer_id, length=length, chunk_bytes=chunk_bytes,
+                          csum_flags=csum_flags)
+            if transfer_id <= self._last_recv_id:
+                raise ConfigError(f"transfer id {transfer_id} is not above the last one received "
+                                  f"({self._last_recv_id}); ids must increase or stale chunks could be "
+                                  "taken for this transfer's")
+            layout = _Layout(view, length, chunk_bytes)
+            with self._call():
+                self._last_recv_id = transfer_id
+                xfer = _RecvTransfer(self, layout, transfer_id=transfer_id, csum_flags=csum_flags)
+                try:
+                    self._run(xfer, timeout_s)
+                finally:
+                    for st in self._streams:
+                        st.discard_rest()  # a failed call leaves no view of the caller's buffer
+                return xfer.length
+        finally:
+            view.release()
+
+    def stats(self) -> dict[str, int]:
+        """Counters over the set's life (same keys as the C engine's ``dwcp_stats``)."""
+        return dict(self._stats)
+
+    def alive(self) -> list[bool]:
+        return [st.alive and not st.kill_requested for st in self._streams]
+
+    def alive_count(self) -> int:
+        return sum(self.alive())
+
+    def kill(self, i: int) -> None:
+        """Mark stream i dead and shut its socket down (the peer sees EOF and re-routes its chunks)."""
+        if not 0 <= i < self.count:
+            raise ConfigError(f"stream index {i} out of range 0..{self.count - 1}")
+        with self._lock:
+            st = self._streams[i]
+            if not st.alive or st.kill_requested:
+                return
+            st.kill_requested = True
+            _shutdown(st.sock)
+            if not self._running:
+                self._mark_dead(st, "killed locally", 0, None)
+                return
+        self._wake()
+
+    def interrupt(self) -> None:
+        """Make a running send()/recv_into() raise SessionClosedError soon (no-op when idle)."""
+        with self._lock:
+            if self._running:
+                self._interrupted = True
+        self._wake()
+
+    def close(self) -> None:
+        """Stop a running transfer (it raises SessionClosedError) and release the engine's resources.
+        The sockets are left to the caller."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            running = self._running
+            if running:
+                self._interrupted = True
+        if running:
+            self._wake()   # the running call tears down when it leaves
+        else:
+            self._teardown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PyStreamSet streams={self.count} alive={self.alive_count()}>"
+
+    # ---- call lifecycle ----------------------------------------------------------------------------
+    def _call(self) -> _CallGuard:
+        return _CallGuard(self)
+
+    def _teardown(self) -> None:
+        for st in self._streams:
+            st.alive = False
+            st.out.clear()
+            st.reset_reader()
+        try:
+            self._sel.close()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # buffer full (a wakeup is pending anyway) or already torn down
+
+    def _release_sender_frames(self) -> None:
+        """Keep no view of the caller's buffer: finish half-written frames from a private copy,
+        drop frames not yet started (their chunks belong to a transfer that is over)."""
+        for st in self._streams:
+            st.outstanding.clear()
+            kept: deque[_OutFrame] = deque()
+            for f in st.out:
+                if f.borrowed:
+                    if not f.started:
+                        assert f.payload is not None
+                        f.payload.release()
+                        continue
+                    f.detach()
+                kept.append(f)
+            st.out = kept
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _live(self) -> list[_Stream]:
+        return [st for st in self._streams if st.alive]
+
+    def _stat(self, key: str, n: int = 1) -> None:
+        self._stats[key] += n
+
+    def _run(self, xfer: _Transfer, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            timeout_s = 30.0
+        last_progress = time.monotonic()
+        # Headers of this transfer read during an earlier call: dispatch them first.
+        for st in self._live():
+            if st.parked is not None:
+                h, st.parked = st.parked, None
+                try:
+                    xfer.on_header(st, h)
+                except _StreamDied as e:
+                    self._die(st, xfer, e)
+        while True:
+            self._check_interrupt(xfer)
+            self._reap_kills(xfer)
+            if xfer.complete():
+                return
+            live = self._live()
+            if not live:
+                self._all_dead(xfer)
+            now = time.monotonic()
+            wake_at = xfer.tick(now)
+            if now - last_progress >= timeout_s:
+                raise TransferTimeout(
+                    f"no byte moved on any of {len(live)} live stream(s) for {timeout_s:g} s (transfer "
+                    f"{xfer.transfer_id}: {xfer.progress()}); is the peer alive and calling the "
+                    "matching send/recv?", errno=_errno.ETIMEDOUT)
+            self._update_interest(live, xfer)
+            ready_now = [st for st in live if st.rx_pending()]
+            wait = last_progress + timeout_s - now
+            if wake_at is not None:
+                wait = min(wait, wake_at - now)
+            wait = 0.0 if ready_now else max(0.0, min(wait, _MAX_WAIT_S))
+            moved = 0
+            for key, events in self._sel.select(wait):
+                st = key.data
+                if st is None:
+                    self._drain_wakeups()
+                    continue
+                if not st.alive:
+                    continue
+                if events & selectors.EVENT_READ:
+                    moved += self._read(st, xfer)
+                if events & selectors.EVENT_WRITE and st.alive:
+                    moved += self._write(st, xfer)
+                if xfer.complete():
+                    break
+            else:
+                for st in ready_now:
+                    if st.alive:
+                        moved += self._read(st, xfer)
+            if moved:
+                last_progress = time.monotonic()
+
+    def _update_interest(self, live: list[_Stream], xfer: _Transfer) -> None:
+        for st in live:
+            mask = 0 if st.parked is not None else selectors.EVENT_READ
+            if st.out or xfer.can_pull(st):
+                mask |= selectors.EVENT_WRITE
+            if mask == st.mask:
+                continue
+            if st.mask == 0:
+                self._sel.register(st.sock, mask, st)
+            elif mask == 0:
+                self._sel.unregister(st.sock)
+            else:
+                self._sel.modify(st.sock, mask, st)
+            st.mask = mask
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _check_interrupt(self, xfer: _Transfer) -> None:
+        with self._lock:
+            interrupted, self._interrupted = self._interrupted, False
+            closed = self._closed
+        if interrupted or closed:
+            what = "close()" if closed else "interrupt()"
+            raise SessionClosedError(f"transfer {xfer.transfer_id} stopped by {what} on this stream set "
+                                     f"({xfer.progress()}); open a new session to continue")
+
+    def _reap_kills(self, xfer: _Transfer) -> None:
+        for st in self._streams:
+            if st.kill_requested and st.alive:
+                self._die(st, xfer, _StreamDied("killed locally"))
+
+    def _all_dead(self, xfer: _Transfer) -> None:
+        last = self._stats["last_errno"]
+        cause = f" (last: {self._last_error})" if self._last_error else ""
+        raise PeerClosedError(
+            f"every data stream died{cause}; transfer {xfer.transfer_id} stopped at {xfer.progress()}: "
+            "the peer closed, crashed or the path is down", errno=last or None)
+
+    def _die(self, st: _Stream, xfer: _Transfer, why: _StreamDied) -> None:
+        level = logging.WARNING if isinstance(why.error, ProtocolError) else logging.INFO
+        log.log(level, "stream %d died: %s", st.index, why.reason)
+        with self._lock:
+            xfer.on_stream_dead(st)
+            self._mark_dead(st, why.reason, why.errno, why.error)
+
+    def _mark_dead(self, st: _Stream, reason: str, err_no: int, error: Exception | None) -> None:
+        """Bookkeeping of a stream death; caller holds _lock and has released the transfer's hold."""
+        st.alive = False
+        _shutdown(st.sock)  # so the peer notices at once and re-routes its chunks
+        if st.mask:
+            try:
+                self._sel.unregister(st.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            st.mask = 0
+        st.out.clear()
+        st.reset_reader()
+        st.outstanding.clear()
+        self._stats["streams_failed"] += 1
+        self._stats["last_failed_stream"] = st.index
+        if err_no:
+            self._stats["last_errno"] = err_no
+        self._last_error = f"stream {st.index}: {reason}"
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def _read(self, st: _Stream, xfer: _Transfer) -> int:
+        moved = 0
+        try:
+            while moved < _VISIT_BUDGET and st.parked is None:
+                h = st.rx_header
+                if h is None:
+                    n = st.sock.recv_into(st.hview[st.hpos:], HEADER_BYTES - st.hpos)
+                    if not n:
+                        raise _StreamDied("peer closed the stream (EOF)")
+                    moved += n
+                    st.hpos += n
+                    if st.hpos == HEADER_BYTES:
+                        st.hpos = 0
+                        xfer.on_header(st, self._decode(st))
+                        if xfer.complete():
+                            break
+                    continue
+                if st.rx_remaining:
+                    if st.rx_target is not None:
+                        pos = len(st.rx_target) - st.rx_remaining
+                        n = st.sock.recv_into(st.rx_target[pos:], st.rx_remaining)
+                    else:
+                        n = st.sock.recv_into(self._scratch, min(st.rx_remaining, len(self._scratch)))
+                    if not n:
+                        raise _StreamDied("peer closed the stream (EOF) in the middle of a frame")
+                    moved += n
+                    st.rx_remaining -= n
+                if not st.rx_remaining:
+                    try:
+                        xfer.on_payload(st)
+                    finally:
+                        st.discard_rest()
+                        st.rx_header = None
+                    if xfer.complete():
+                        break
+        except _WOULD_BLOCK:
+            pass
+        except _StreamDied as e:
+            self._die(st, xfer, e)
+        except (OSError, ssl.SSLError) as e:
+            self._die(st, xfer, _StreamDied(f"receive failed: {e}", errno=e.errno or 0, error=e))
+        self._stat("bytes_wire", moved)
+        return moved
+
+    def _decode(self, st: _Stream) -> Header:
+        try:
+            h = decode_header(st.hbuf, MAX_CHUNK_BYTES)
+        except ProtocolError as e:
+            raise _violation(str(e), e.code or errors.E_PEER, st.index) from e
+        if h.stream != st.index:
+            raise _violation(f"frame carries stream index {h.stream} on stream {st.index}",
+                             errors.E_STREAM, st.index)
+        if h.type in _NO_PAYLOAD_TYPES and h.length:
+            raise _violation(f"{FrameType(h.type).name} frame with a {h.length}-byte payload",
+                             errors.E_LENGTH, st.index)
+        return h
+
+    def _discard(self, st: _Stream, h: Header) -> None:
+        """Read h's payload into scratch and drop it."""
+        st.discard_rest()
+        st.rx_header = h
+        st.rx_remaining = h.length
+
+    # ---- writing -----------------------------------------------------------------------------------
+    def _write(self, st: _Stream, xfer: _Transfer) -> int:
+        moved = 0
+        try:
+            while moved < _VISIT_BUDGET:
+                if not st.out:
+                    f = xfer.pull(st)
+                    if f is None:
+                        break
+                    st.out.append(f)
+                n = st.send_frames()
+                if not n:
+                    break
+                moved += n
+                while st.out and st.out[0].done:
+                    f = st.out.popleft()
+                    if f.payload is not None:
+                        f.payload.release()
+        except _WOULD_BLOCK:
+            pass
+        except (OSError, ssl.SSLError) as e:
+            self._die(st, xfer, _StreamDied(f"send failed: {e}", errno=e.errno or 0, error=e))
+        self._stat("bytes_wire", moved)
+        return moved
+
+
+class _CallGuard:
+    """Marks a transfer as running (one at a time) and tears down after close() during a call."""
+
+    def __init__(self, owner: PyStreamSet) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> None:
+        o = self.owner
+        with o._lock:
+            if o._closed:
+                raise SessionClosedError("this stream set is closed; open a new session")
+            if o._running:
+                raise TransportError("another transfer is running on this stream set; one transfer "
+                                     "runs at a time")
+            o._running = True
+            o._interrupted = False
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        o = self.owner
+        with o._lock:
+            o._running = False
+            o._interrupted = False
+            closed = o._closed
+            for st in o._streams:
+                if st.kill_requested and st.alive:  # killed after the loop's last look
+                    o._mark_dead(st, "killed locally", 0, None)
+        if closed:
+            o._teardown()
+
+
+def _byte_view(buffer: Any, *, writable: bool) -> memoryview:
+    """A flat, C-contiguous byte view of any buffer-protocol object."""
+    try:
+        mv = memoryview(buffer)
+    except TypeError:
+        raise ConfigError(f"expected a buffer-protocol object (bytes, bytearray, memoryview, numpy "
+                          f"array, mmap), got {type(buffer).__name__}") from None
+    if not mv.c_contiguous:
+        mv.release()
+        raise ConfigError("buffer is not C-contiguous; pass a contiguous copy "
+                          "(e.g. numpy.ascontiguousarray)")
+    if writable and mv.readonly:
+        mv.release()
+        raise ConfigError("recv_into() needs a writable buffer (bytearray, numpy array, writable mmap)")
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    flat = mv.cast("B")
+    mv.release()
+    return flat
+
+
+def _check_common(view: memoryview, *, transfer_id: int, length: int, chunk_bytes: int,
+                  csum_flags: int) -> None:
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(f"chunk_bytes must be 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+    if csum_flags not in _CSUM_CHOICES:
+        raise ConfigError(f"csum_flags must be 0, CSUM_CRC32C (1) or CSUM_XXH3 (2), got {csum_flags}")
+    if not 0 <= transfer_id < 1 << 64:
+        raise ConfigError(f"transfer_id must fit in 64 unsigned bits, got {transfer_id}")
+    if not 0 <= length < 1 << 64:
+        raise ConfigError(f"length must fit in 64 unsigned bits, got {length}")
+    if length > len(view) and (len(view) == 0 or len(view) % chunk_bytes):
+        raise ConfigError(f"length {length} exceeds the {len(view)}-byte buffer: wrapping needs a "
+                          f"buffer whose size is a non-zero multiple of chunk_bytes ({chunk_bytes})")
+
+
+def _shutdown(sock: socket.socket) -> None:
+    # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL object, which another
+    # thread (the loop) may be using at that moment; a TCP shutdown is what we need anyway.
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
