@@ -11,6 +11,7 @@ import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
 
 SANITIZE = os.environ.get("DWCP_SANITIZE") == "1"
 DEBUG = os.environ.get("DWCP_DEBUG") == "1"
@@ -34,16 +35,29 @@ ext = Extension(
     "dwcp._core",
     sources=["dwcp/_core.pyx"],
     include_dirs=["csrc/include"],
+    # The static core is linked in: relink whenever any C source or header changes.
+    depends=core_sources + sorted(glob.glob("csrc/*.h") + glob.glob("csrc/include/dwcp/*.h")),
     define_macros=macros,
     extra_compile_args=common + ["-Wall", "-Wno-unused-function"],
     extra_link_args=link,
 )
+
+
+class build_ext(_build_ext):
+    """`setup.py build_ext --inplace` alone does not run build_clib (only `build` does), so the
+    extension would link against a missing or stale libdwcpcore.a: build the C core first."""
+
+    def run(self):
+        self.run_command("build_clib")
+        super().run()
+
 
 directives = {"language_level": "3", "embedsignature": True}
 if DEBUG:
     directives.update({"linetrace": True, "binding": True})
 
 setup(
+    cmdclass={"build_ext": build_ext},
     libraries=[("dwcpcore", {"sources": core_sources, "cflags": strict, "include_dirs": ["csrc/include"]})],
     ext_modules=cythonize([ext], compiler_directives=directives, include_path=["dwcp"]),
 )

@@ -61,8 +61,11 @@ typedef struct dwcp_stats {
     uint64_t truncated_at;       /* receiver/sender: logical length after a TRUNCATE, else 0 */
 } dwcp_stats;
 
-/* fds: n connected TCP sockets (any blocking mode: the engine sets O_NONBLOCK). stream i sends and
- * expects frames with stream index i. Returns NULL on bad arguments or out of memory. */
+/* fds: n connected TCP sockets (any blocking mode: the engine sets O_NONBLOCK and TCP_NODELAY, the
+ * latter because ACK frames are small writes that Nagle would hold back behind unacknowledged data).
+ * A stream set carries transfers in one direction: a receiver accepts only DATA/TRUNCATE frames, a
+ * sender only ACK/NACK/DONE. Stream i sends and expects frames with stream index i.
+ * Returns NULL on bad arguments, duplicate or non-pollable fds, or out of memory. */
 dwcp_streams *dwcp_streams_new(const int *fds, int n);
 void dwcp_streams_free(dwcp_streams *s);
 int dwcp_streams_count(const dwcp_streams *s);
@@ -88,8 +91,23 @@ int dwcp_send_transfer(dwcp_streams *s, const void *buf, uint64_t buf_len, const
 int dwcp_recv_transfer(dwcp_streams *s, void *buf, uint64_t buf_len, const dwcp_xfer_opts *opts,
                        uint64_t *recv_length);
 
-/* Ask a running transfer on s to stop with DWCP_E_CLOSED as soon as possible (thread-safe). */
+/* Ask a running transfer on s to stop with DWCP_E_CLOSED as soon as possible (thread-safe). An
+ * interrupt that arrives while no transfer runs stops the next one at its start (so a close racing
+ * with the start of a transfer is never lost); the call that returns DWCP_E_CLOSED consumes it. */
 void dwcp_streams_interrupt(dwcp_streams *s);
+
+/* 1 if SO_ZEROCOPY can be set on a TCP socket on this host (MSG_ZEROCOPY available). */
+int dwcp_zerocopy_supported(void);
+
+/* Resource counters of builds with DWCP_DEBUG_COUNTERS (tests assert they balance at teardown). */
+typedef struct dwcp_debug_counts {
+    int64_t live_stream_sets; /* dwcp_streams_new minus dwcp_streams_free */
+    int64_t zc_pending;       /* MSG_ZEROCOPY sends whose completion has not been reaped */
+    int64_t carry_buffers;    /* private copies of frames cut off by the end of a call */
+} dwcp_debug_counts;
+
+/* Fills *out and returns 0 in builds with DWCP_DEBUG_COUNTERS; returns DWCP_E_INVAL otherwise. */
+int dwcp_debug_counters(dwcp_debug_counts *out);
 
 #ifdef __cplusplus
 }

@@ -103,6 +103,10 @@ int dwcp_frame_decode(const uint8_t in[DWCP_HEADER_BYTES], uint32_t max_payload,
 
 /* Checksums. crc32c uses SSE4.2 when the CPU has it (checked once at runtime), else a table. */
 uint32_t dwcp_crc32c(uint32_t crc, const void *buf, size_t len);
+/* The portable table implementation (tests cross-check it against the hardware one). */
+uint32_t dwcp_crc32c_sw(uint32_t crc, const void *buf, size_t len);
+/* 1 when dwcp_crc32c uses the SSE4.2 instruction on this CPU. */
+int dwcp_crc32c_hw(void);
 uint64_t dwcp_xxh3(const void *buf, size_t len);
 /* Checksum of a payload as named by flags (DWCP_FLAG_CSUM_*); 0 when neither flag is set. */
 uint64_t dwcp_payload_checksum(uint16_t flags, const void *buf, size_t len);
