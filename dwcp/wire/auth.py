@@ -32,6 +32,7 @@ from dwcp.wire.messages import NONCE_BYTES, SESSION_ID_BYTES
 log = logging.getLogger(__name__)
 
 MIN_KEY_BYTES = 16
+_MAX_KEY_FILE_BYTES = 64 << 10
 
 NO_KEY_MESSAGE = ("no pre-shared key: pass key=... / --key-file, or insecure=True / --insecure to run "
                   "unauthenticated")
@@ -80,11 +81,15 @@ def load_key(key: bytes | str | None = None, key_file: str | os.PathLike[str] | 
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
-                raw = f.read(1 << 16)
+                raw = f.read(_MAX_KEY_FILE_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
         except OSError as e:
             raise ConfigError(f"cannot read key file {path!r}: {e.strerror}") from e
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"key file {path!r} is not a regular file")
+        if len(raw) > _MAX_KEY_FILE_BYTES:
+            # Never silently use a prefix of what the operator pointed us at.
+            raise ConfigError(f"key file {path!r} is over {_MAX_KEY_FILE_BYTES} bytes; is it the "
+                              "right file?")
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("key file %s is accessible by group/others (mode %o); chmod 600 it",
                         path, stat.S_IMODE(st.st_mode))

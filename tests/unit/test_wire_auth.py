@@ -72,6 +72,13 @@ def test_load_key_rejects_directory(tmp_path: Path) -> None:
         auth.load_key(key_file=tmp_path)
 
 
+def test_oversized_key_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "k"
+    p.write_bytes(b"k" * (65 << 10))
+    with pytest.raises(ConfigError, match="right file"):
+        auth.load_key(key_file=p)
+
+
 def test_short_key_file(tmp_path: Path) -> None:
     p = tmp_path / "k"
     p.write_bytes(b"tiny\n")

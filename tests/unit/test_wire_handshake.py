@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from dwcp.errors import AuthError, ConfigError, PeerClosedError, ProtocolError, TransferTimeout
-from dwcp.wire import frames, handshake as hs, io, messages as m
+from dwcp.wire import auth, frames, handshake as hs, io, messages as m
 from dwcp.wire.frames import Flag, FrameType
 from dwcp.wire.handshake import Offer, ServerPolicy, SessionParams
 
@@ -68,7 +68,7 @@ def handshake_pair(*, ckey: bytes | None = KEY, skey: bytes | None = KEY, cinsec
 
 def read_all_frames(sock: socket.socket, timeout_s: float = 5.0) -> list[int]:
     """Frame types the peer sent until it closed."""
-    types = []
+    types: list[int] = []
     while True:
         try:
             h, _ = io.read_frame(sock, max_payload=CTRL, deadline=time.monotonic() + timeout_s)
@@ -351,7 +351,6 @@ def test_client_rejects_choice_outside_offer() -> None:
     a, b = socket.socketpair()
     with a, b:
         def bad_server() -> None:
-            from dwcp.wire import auth
             h, hello_payload = io.read_frame(b, max_payload=CTRL)
             ch = m.Challenge(nonce=bytes(32), insecure=False, version=1, streams=200,
                              chunk_bytes=1 << 20, checksum="xxh3", features=frozenset())
@@ -444,7 +443,7 @@ def test_join_from_another_session_is_rejected() -> None:
     assert isinstance(client.error, AuthError)
     # Right session id but the other session's key: the MAC fails.
     req = hs.JoinRequest(session_id=s.session_id, stream_index=0,
-                         mac=hs.auth.join_mac(c2.session_key, s.session_id, 0))
+                         mac=auth.join_mac(c2.session_key, s.session_id, 0))
     with pytest.raises(AuthError, match="bad token"):
         hs.verify_join(s, req)
 
@@ -452,7 +451,7 @@ def test_join_from_another_session_is_rejected() -> None:
 def test_join_index_out_of_range() -> None:
     c, s = _session()
     req = hs.JoinRequest(session_id=s.session_id, stream_index=4,
-                         mac=hs.auth.join_mac(s.session_key, s.session_id, 4))
+                         mac=auth.join_mac(s.session_key, s.session_id, 4))
     with pytest.raises(AuthError, match="4 streams"):
         hs.verify_join(s, req)
     a, b = socket.socketpair()
@@ -468,7 +467,7 @@ def test_parse_join_rejects_malformed() -> None:
 def test_concurrent_duplicate_joins_admit_exactly_one() -> None:
     c, s = _session()
     req = hs.JoinRequest(session_id=s.session_id, stream_index=3,
-                         mac=hs.auth.join_mac(c.session_key, c.session_id, 3))
+                         mac=auth.join_mac(c.session_key, c.session_id, 3))
     results: list[bool] = []
 
     def attempt() -> None:

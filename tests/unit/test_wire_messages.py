@@ -22,7 +22,7 @@ mac = st.binary(min_size=32, max_size=32)
 sid = st.binary(min_size=16, max_size=16)
 chunk = st.integers(m.MIN_CHUNK_BYTES, m.MAX_CHUNK_BYTES)
 u64 = st.integers(0, (1 << 64) - 1)
-text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=200)
+text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=200)
 
 hellos = st.builds(
     m.Hello, nonce=nonce, insecure=st.booleans(),
