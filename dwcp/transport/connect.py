@@ -66,10 +66,10 @@ def connect(addr: str | tuple[str, int], *, key: bytes | str | None = None,
     options = SessionOptions(streams=streams, chunk_bytes=chunk_bytes, timeout_s=timeout_s,
                              connect_timeout_s=connect_timeout_s, checksums=tuple(checksums),
                              zerocopy=zerocopy, tls=tls, server_hostname=server_hostname, **extra)
-    psk = auth.load_key(key=key, key_file=key_file)
-    if psk is None and not insecure:
-        raise ConfigError("no pre-shared key: pass key=... or key_file=... (or set DWCP_KEY), or "
-                          "insecure=True to run unauthenticated")
+    # An explicit insecure=True ignores $DWCP_KEY, but an explicit key with it is ambiguous
+    # (resolve_key refuses it); no key and not insecure is refused before any socket is opened.
+    psk = auth.resolve_key(auth.load_key(key=key, key_file=key_file, env=None if insecure else "DWCP_KEY"),
+                           insecure)
     target = parse_address(addr)
     if not target[0]:
         raise ConfigError(f"connect() needs a host in the address, got {addr!r}")

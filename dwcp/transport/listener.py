@@ -222,10 +222,10 @@ def listen(addr: str | tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | str |
 
     The key (bytes/str, key_file, or $DWCP_KEY) must match the clients'; without one, insecure=True
     must be given explicitly. timeout_s applies to transfers of accepted sessions."""
-    psk = auth.load_key(key=key, key_file=key_file)
-    if psk is None and not insecure:
-        raise ConfigError("no pre-shared key: pass key=... or key_file=... (or set DWCP_KEY), or "
-                          "insecure=True to run unauthenticated")
+    # An explicit insecure=True ignores $DWCP_KEY, but an explicit key with it is ambiguous
+    # (resolve_key refuses it); no key and not insecure is refused before any socket is opened.
+    psk = auth.resolve_key(auth.load_key(key=key, key_file=key_file, env=None if insecure else "DWCP_KEY"),
+                           insecure)
     options = SessionOptions(timeout_s=timeout_s, tls=tls, **extra)
     host, port = parse_address(addr, default_host="")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
