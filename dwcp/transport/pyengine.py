@@ -370,6 +370,8 @@ class _SendTransfer(_Transfer):
                 continue
             self.owner._stat("chunks_resent")
             return self._frame(st, k)
+        if self.deadline is not None and not self.stop_new:
+            self.tick(time.monotonic())  # no chunk may start after the deadline, even mid-visit
         if self.stop_new or self.next_fresh >= self.total:
             return None
         k = self.next_fresh
@@ -503,6 +505,7 @@ class _RecvTransfer(_Transfer):
         self.total = _chunk_count(self.length, layout.chunk_bytes)
         self.verified = _ChunkMap()           # DONE chunks
         self.writing: dict[int, int] = {}     # WRITING chunks -> stream; absent from both: EMPTY
+        self.dropped: dict[int, int] = {}     # WRITING chunks whose duplicate a stream dropped
         self.done_sent = False
         self.truncated = False
         self.touched = 0                      # chunks [0, touched) include every one ever started
@@ -564,6 +567,8 @@ class _RecvTransfer(_Transfer):
             owner._stat("chunks_duplicate")
             owner._discard(st, h)
             st.rx_ack_after_discard = k in self.verified
+            if k not in self.verified:
+                self.dropped[k] = st.index
             return
         self.writing[k] = st.index
         self.touched = max(self.touched, k + 1)
@@ -583,6 +588,7 @@ class _RecvTransfer(_Transfer):
             return
         k = st.rx_chunk
         self.writing.pop(k, None)
+        self.dropped.pop(k, None)  # settled by the ACK or NACK below
         good = not self.csum_flags or payload_checksum(self.csum_flags, st.rx_target) == h.checksum
         if good:
             if self.verified.add(k):
@@ -605,6 +611,15 @@ class _RecvTransfer(_Transfer):
     def on_stream_dead(self, st: _Stream) -> None:
         for k in [k for k, i in self.writing.items() if i == st.index]:
             del self.writing[k]   # back to EMPTY: another stream's copy may now be written
+            if k in self.dropped:
+                # A copy that arrived on another stream meanwhile was dropped (this one was being
+                # written). The sender holds that copy as outstanding on a live stream and will not
+                # send it again by itself: ask for it with a NACK ("offset = chunk to send again").
+                via = self.dropped.pop(k)
+                live = [s for s in self.owner._live() if s is not st]
+                if live:
+                    target = next((s for s in live if s.index == via), live[0])
+                    target.out.append(self.header(target, FrameType.NACK, k * self.layout.chunk_bytes))
 
     def complete(self) -> bool:
         # Return only once DONE (and any ACKs) left on every live stream: the sender may need them.
@@ -741,10 +756,11 @@ class PyStreamSet:
         self._wake()
 
     def interrupt(self) -> None:
-        """Make a running send()/recv_into() raise SessionClosedError soon (no-op when idle)."""
+        """Make a running send()/recv_into() raise SessionClosedError soon. As in amst.h, an
+        interrupt while idle stops the next call at its start (so a close racing with the start of a
+        transfer is never lost); the call that raises consumes it."""
         with self._lock:
-            if self._running:
-                self._interrupted = True
+            self._interrupted = True
         self._wake()
 
     def close(self) -> None:
@@ -1044,14 +1060,12 @@ class _CallGuard:
                 raise TransportError("another transfer is running on this stream set; one transfer "
                                      "runs at a time")
             o._running = True
-            o._interrupted = False
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         o = self.owner
         with o._lock:
             o._running = False
-            o._interrupted = False
             closed = o._closed
             for st in o._streams:
                 if st.kill_requested and st.alive:  # killed after the loop's last look

@@ -355,14 +355,20 @@ def test_interrupt_and_close_stop_a_running_transfer(pairs: Pairs) -> None:
     rx.interrupt()
     with pytest.raises(SessionClosedError, match="interrupt"):
         receiver.result(timeout=5)
-    receiver = Bg(rx.recv_into, bytearray(4096), transfer_id=2, length=4096, chunk_bytes=4096,
+    # While idle, an interrupt stops the next call at its start (a close racing with the start of a
+    # transfer must not be lost), and only that one.
+    rx.interrupt()
+    with pytest.raises(SessionClosedError):
+        rx.recv_into(bytearray(4096), transfer_id=2, length=4096, chunk_bytes=4096, csum_flags=XXH3)
+    receiver = Bg(rx.recv_into, bytearray(4096), transfer_id=3, length=4096, chunk_bytes=4096,
                   csum_flags=XXH3, timeout_s=30)
     time.sleep(0.05)
+    assert receiver.thread.is_alive()
     rx.close()
     with pytest.raises(SessionClosedError):
         receiver.result(timeout=5)
     with pytest.raises(SessionClosedError):
-        rx.recv_into(bytearray(1), transfer_id=3, length=1, chunk_bytes=1, csum_flags=XXH3)
+        rx.recv_into(bytearray(1), transfer_id=4, length=1, chunk_bytes=1, csum_flags=XXH3)
     assert rx.alive() == [False, False]
 
 
@@ -485,6 +491,34 @@ def test_stale_and_duplicate_frames_are_discarded(pairs: Pairs) -> None:
     assert receiver.result() == 2000
     assert dest == data
     assert rx.stats()["chunks_duplicate"] == 2 and rx.alive() == [True, True]
+
+
+def test_receiver_asks_again_for_a_chunk_whose_writer_died(pairs: Pairs) -> None:
+    """Chunk 0 is being written from stream 0 when a re-sent copy arrives on stream 1 (dropped:
+    another live stream is writing it); then stream 0 dies mid-payload. The sender holds the dropped
+    copy as outstanding on a live stream and will not resend by itself, so the receiver must NACK."""
+    raw, socks = pairs(2)
+    rx = PyStreamSet(socks)
+    pairs.sets.append(rx)
+    for s in raw:
+        s.settimeout(5)
+    data = os.urandom(2000)
+    dest = bytearray(2000)
+    receiver = Bg(rx.recv_into, dest, transfer_id=1, length=2000, chunk_bytes=1000, csum_flags=XXH3,
+                  timeout_s=10)
+    raw[0].sendall(data_frame(data[:1000], stream=0, tid=1, offset=0)[:HEADER_BYTES + 500])
+    time.sleep(0.1)  # let the receiver start writing chunk 0 from stream 0
+    raw[1].sendall(data_frame(data[:1000], stream=1, tid=1, offset=0))      # dropped duplicate
+    raw[1].sendall(data_frame(data[1000:], stream=1, tid=1, offset=1000))
+    h = read_header(raw[1])
+    assert (h.type, h.offset) == (FrameType.ACK, 1000)  # the duplicate before it was not ACKed
+    raw[0].shutdown(socket.SHUT_RDWR)
+    h = read_header(raw[1])
+    assert (h.type, h.offset) == (FrameType.NACK, 0)
+    raw[1].sendall(data_frame(data[:1000], stream=1, tid=1, offset=0))
+    assert read_header(raw[1]).type == FrameType.ACK
+    assert read_header(raw[1]).type == FrameType.DONE
+    assert receiver.result() == 2000 and dest == data
 
 
 def test_sender_resends_a_nacked_chunk(pairs: Pairs) -> None:
