@@ -94,6 +94,7 @@ typedef struct stream {
     uint64_t rx_chunk;
     int rx_dup_ack; /* discarded duplicate of a verified chunk: ACK it so the sender can finish */
     int rx_current; /* the discarded frame belongs to the current transfer (counts as duplicate) */
+    int rx_parked;  /* holds a header of the next transfer: read no further in this call */
 
     /* MSG_ZEROCOPY bookkeeping: the kernel numbers successful zero-copy sendmsg calls per socket */
     uint64_t zc_issued, zc_done;
@@ -128,6 +129,7 @@ typedef struct xfer {
     uint64_t st_cap; /* entries allocated; chunks at or beyond are untouched (0) */
     uint64_t next;  /* sender: first never-started chunk */
     uint64_t ndone; /* chunks acknowledged (sender) / verified (receiver) */
+    uint64_t done_bytes;
     uint64_t *rq;   /* sender: ring of chunks to send again, front first */
     uint64_t rq_head, rq_n, rq_cap;
     uint64_t *csum_cache; /* sender, wrap mode: checksum per buffer slot (+1 valid bit array) */
@@ -680,9 +682,17 @@ static int tx_frame(xfer *x, stream *t, const uint8_t *b)
     if (f.transfer_id > x->o->transfer_id)
         return DWCP_E_PEER;
     if (f.type == DWCP_T_DONE) {
-        x->got_done = 1;
+        if (!x->got_done) {
+            /* DONE vouches for every chunk, including those whose ACK is still in flight. */
+            uint64_t len = x->truncated ? x->trunc_len : x->length;
+            DWCP_ADD(x->s->stats.chunks, x->Keff - x->ndone);
+            DWCP_ADD(x->s->stats.bytes_payload, len - x->done_bytes);
+            x->got_done = 1;
+        }
         return 0;
     }
+    if (x->got_done)
+        return 0;
     if (f.offset % x->chunk || f.offset >= x->length)
         return DWCP_E_RANGE;
     uint64_t c = f.offset / x->chunk;
@@ -694,6 +704,7 @@ static int tx_frame(xfer *x, stream *t, const uint8_t *b)
     if (f.type == DWCP_T_ACK) {
         x->st[c] = ST_DONE;
         x->ndone++;
+        x->done_bytes += chunk_len(x, c);
         DWCP_ADD(x->s->stats.chunks, 1);
         DWCP_ADD(x->s->stats.bytes_payload, chunk_len(x, c));
     } else if (v != ST_QUEUED) {
@@ -749,7 +760,6 @@ static int rx_header(xfer *x, stream *t)
 {
     dwcp_frame *f = &t->rx_f;
     int rc = dwcp_frame_decode(t->rx_hdr, DWCP_MAX_CHUNK_BYTES, f);
-    t->rx_hdr_got = 0;
     if (rc)
         return rc;
     if (f->type != DWCP_T_DATA && f->type != DWCP_T_TRUNCATE)
@@ -758,6 +768,13 @@ static int rx_header(xfer *x, stream *t)
         return DWCP_E_STREAM;
     if (f->type == DWCP_T_TRUNCATE && f->length != 0)
         return DWCP_E_LENGTH;
+    if (f->transfer_id > x->o->transfer_id) {
+        /* The sender starts its next transfer as soon as it has every ACK, while this side may still
+         * be flushing DONE: keep the header for the next call and stop reading this stream. */
+        t->rx_parked = 1;
+        return 0;
+    }
+    t->rx_hdr_got = 0;
     if (f->transfer_id < x->o->transfer_id) {
         /* A frame of an earlier transfer (a re-send that lost the race): drain its payload. */
         if (f->length) {
@@ -769,8 +786,6 @@ static int rx_header(xfer *x, stream *t)
         }
         return 0;
     }
-    if (f->transfer_id > x->o->transfer_id)
-        return DWCP_E_PEER;
     uint64_t limit = x->truncated ? x->trunc_len : x->length;
     if (f->type == DWCP_T_TRUNCATE) {
         uint64_t tl = f->offset;
@@ -849,6 +864,8 @@ static void rx_read(xfer *x, stream *t)
 {
     dwcp_streams *s = x->s;
     size_t budget = RX_BUDGET_BYTES;
+    if (t->rx_parked)
+        return;
     while (is_alive(t) && t->readable) {
         if (x->done_queued)
             return; /* complete: what follows belongs to later calls */
@@ -862,6 +879,8 @@ static void rx_read(xfer *x, stream *t)
                 stream_die(x, t, rc);
                 return;
             }
+            if (t->rx_parked)
+                return;
             continue;
         }
         struct iovec iov[2];
@@ -1133,8 +1152,10 @@ static void arm_streams(dwcp_streams *s)
 {
     /* Readiness edges may have been consumed by an earlier call or never delivered (the set is new):
      * assume ready and let EAGAIN correct it, at the cost of one syscall per stream. */
-    for (int i = 0; i < s->n; i++)
+    for (int i = 0; i < s->n; i++) {
         s->st[i].readable = s->st[i].writable = 1;
+        s->st[i].rx_parked = 0;
+    }
 }
 
 static int enable_zerocopy(dwcp_streams *s)
@@ -1165,6 +1186,7 @@ static int transfer(dwcp_streams *s, int sender, const void *buf, uint64_t buf_l
         if (x.use_zc && !s->zc_fallback && !enable_zerocopy(s))
             x.use_zc = 0; /* the kernel refuses SO_ZEROCOPY: plain sends are the only option */
         arm_streams(s);
+        x.again = 1; /* the edges may be gone: look at every stream before the first wait */
         rc = run(&x);
         if (rc == DWCP_E_CLOSED)
             __atomic_store_n(&s->interrupt, 0, __ATOMIC_RELEASE);

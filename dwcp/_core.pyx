@@ -33,7 +33,7 @@ cdef int _get_buffer(object obj, Py_buffer *view, bint writable, str what) excep
     cdef int flags = PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
     try:
         PyObject_GetBuffer(obj, view, flags)
-    except (BufferError, TypeError) as e:
+    except (BufferError, TypeError, ValueError) as e:
         need = "a writable, C-contiguous" if writable else "a C-contiguous"
         raise ConfigError(
             f"{what} must be {need} buffer (bytearray, memoryview, numpy array, mmap); got "
