@@ -117,6 +117,12 @@ struct dwcp_streams {
     uint8_t *scratch;
 };
 
+/* A duplicate dropped because another stream was writing the chunk (receiver). */
+typedef struct drop_note {
+    uint64_t chunk;
+    int via;
+} drop_note;
+
 typedef struct xfer {
     dwcp_streams *s;
     int sender;
@@ -134,6 +140,8 @@ typedef struct xfer {
     uint64_t rq_head, rq_n, rq_cap;
     uint64_t *csum_cache; /* sender, wrap mode: checksum per buffer slot (+1 valid bit array) */
     uint8_t *csum_valid;
+    drop_note *drops;
+    size_t ndrops, drops_cap;
     int truncated;
     uint64_t trunc_len;
     int got_done;
@@ -237,6 +245,7 @@ static void mark_dead(dwcp_streams *s, stream *t, int err)
 }
 
 static void rq_push(xfer *x, uint64_t c, int front);
+static int drop_take(xfer *x, uint64_t c);
 static uint16_t st_get(const xfer *x, uint64_t c);
 
 /* A stream died during a transfer: give its chunks back (sender) or forget its half-written chunk
@@ -260,6 +269,20 @@ static void stream_die(xfer *x, stream *t, int err)
         }
     } else if (in_flight && st_get(x, rx_chunk) == me) {
         x->st[rx_chunk] = 0;
+        int via = drop_take(x, rx_chunk);
+        if (via >= 0) {
+            /* A copy of this chunk arrived on another stream meanwhile and was dropped; the sender
+             * counts that copy as outstanding on a live stream and will not resend on its own, so
+             * ask for it ("offset = chunk to send again"), preferably where the copy came in. */
+            stream *target = NULL;
+            if (is_alive(&x->s->st[via]))
+                target = &x->s->st[via];
+            for (int i = 0; !target && i < x->s->n; i++)
+                if (is_alive(&x->s->st[i]))
+                    target = &x->s->st[i];
+            if (target && ctl_push(target, DWCP_T_NACK, x->o->transfer_id, rx_chunk * x->chunk) < 0)
+                x->proto_err = DWCP_E_NOMEM;
+        }
     }
     x->again = 1;
 }
@@ -756,6 +779,40 @@ static void tx_read(xfer *x, stream *t)
 
 /* ---------------------------------------------------------------- receiver */
 
+static int drop_take(xfer *x, uint64_t c)
+{
+    for (size_t i = 0; i < x->ndrops; i++) {
+        if (x->drops[i].chunk == c) {
+            int via = x->drops[i].via;
+            x->drops[i] = x->drops[--x->ndrops];
+            return via;
+        }
+    }
+    return -1;
+}
+
+static int drop_note_add(xfer *x, uint64_t c, int via)
+{
+    for (size_t i = 0; i < x->ndrops; i++) {
+        if (x->drops[i].chunk == c) {
+            x->drops[i].via = via;
+            return 0;
+        }
+    }
+    if (x->ndrops == x->drops_cap) {
+        size_t cap = x->drops_cap ? x->drops_cap * 2 : 16;
+        drop_note *p = realloc(x->drops, cap * sizeof *p);
+        if (!p)
+            return DWCP_E_NOMEM;
+        x->drops = p;
+        x->drops_cap = cap;
+    }
+    x->drops[x->ndrops].chunk = c;
+    x->drops[x->ndrops].via = via;
+    x->ndrops++;
+    return 0;
+}
+
 static int rx_header(xfer *x, stream *t)
 {
     dwcp_frame *f = &t->rx_f;
@@ -827,6 +884,8 @@ static int rx_header(xfer *x, stream *t)
          * the destination. */
         t->rx_mode = RX_DISCARD;
         t->rx_dup_ack = v == ST_DONE;
+        if (v != ST_DONE && drop_note_add(x, c, t->idx) < 0)
+            return DWCP_E_NOMEM;
     }
     return 0;
 }
@@ -839,6 +898,8 @@ static int rx_payload_done(xfer *x, stream *t)
     t->rx_mode = RX_HDR;
     if (mode == RX_DEST) {
         uint64_t c = t->rx_chunk;
+        if (x->ndrops)
+            drop_take(x, c); /* settled by the ACK or NACK below */
         int ok = !x->o->csum_flags ||
                  dwcp_payload_checksum(x->o->csum_flags, t->rx_dst, (size_t)t->rx_len) == t->rx_f.checksum;
         if (ok) {
@@ -1146,6 +1207,7 @@ static void xfer_free(xfer *x)
     free(x->rq);
     free(x->csum_cache);
     free(x->csum_valid);
+    free(x->drops);
 }
 
 static void arm_streams(dwcp_streams *s)

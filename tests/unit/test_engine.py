@@ -495,6 +495,32 @@ def test_next_transfer_frame_waits_for_the_next_call() -> None:
         s.close()
 
 
+def test_receiver_asks_again_for_a_chunk_whose_writer_died() -> None:
+    # Chunk 0 is being written from stream 0 when a re-sent copy arrives on stream 1 and is dropped
+    # (another live stream writes it); then stream 0 dies mid-payload. The sender counts the dropped
+    # copy as outstanding on a live stream, so only a NACK from the receiver gets it sent again.
+    a, b = make_pairs(2)
+    chunk = 1000
+    data = bytes(pattern(2 * chunk))
+    dst = bytearray(2 * chunk)
+    with StreamSet([s.fileno() for s in b]) as rx_set:
+        rx = Background(lambda: rx_set.recv_into(dst, transfer_id=1, length=2 * chunk, chunk_bytes=chunk,
+                                                 csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        a[0].sendall(_data_frame(0, 1, 0, data[:chunk])[:48 + 500])
+        time.sleep(0.1)
+        a[1].sendall(_data_frame(1, 1, 0, data[:chunk]) + _data_frame(1, 1, chunk, data[chunk:]))
+        assert _read_frame(a[1])[1::5] == (FrameType.ACK, chunk)  # the dropped copy is not ACKed
+        a[0].shutdown(socket.SHUT_RDWR)
+        assert _read_frame(a[1])[1::5] == (FrameType.NACK, 0)
+        a[1].sendall(_data_frame(1, 1, 0, data[:chunk]))
+        assert _read_frame(a[1])[1::5] == (FrameType.ACK, 0)
+        assert _read_frame(a[1])[1] == FrameType.DONE
+        assert rx.result() == 2 * chunk and dst == data
+        assert rx_set.stats()["chunks_duplicate"] == 1
+    for s in a + b:
+        s.close()
+
+
 def test_sender_rejects_bogus_acks() -> None:
     a, b = make_pairs(1)
     with StreamSet([a[0].fileno()]) as tx_set:
