@@ -93,7 +93,7 @@ class Session:
                                                      tls=isinstance(control, ssl.SSLSocket))
         self._zerocopy, self.zerocopy_reason = self._choose_zerocopy()
         self._tid_counter = 0
-        self._last_recv_tid = -1
+        self._last_recv_tid = 0
         self._inbox: deque[tuple[Header, bytes]] = deque()
         self._lock = threading.Lock()  # one transfer at a time
         self._closed = False
@@ -184,10 +184,15 @@ class Session:
         return True, "auto: non-loopback peer (falls back if the kernel copies)"
 
     def _next_tid(self) -> int:
-        # Client ids are odd and server ids even, so the two directions never share an id and a late
-        # duplicate from an earlier transfer is always recognised as stale.
-        self._tid_counter += 1
-        return 2 * self._tid_counter + (1 if self.role == "client" else 0)
+        # Ids grow across both directions (the next one is above every id this session has seen) and
+        # client ids are odd, server ids even, so the engines can treat any frame with a smaller id as
+        # a late leftover of an earlier transfer, whichever side sent it.
+        parity = 1 if self.role == "client" else 0
+        tid = max(self._tid_counter, self._last_recv_tid) + 1
+        if tid % 2 != parity:
+            tid += 1
+        self._tid_counter = tid
+        return tid
 
     # ---- control connection --------------------------------------------------------------------
     def _read_control(self, deadline: float | None) -> tuple[Header, bytes]:
@@ -344,9 +349,13 @@ class Session:
                     f"unexpected frame type {hdr.type} on the control connection while waiting for a transfer"))
 
     def _validate_begin(self, b: messages.XferBegin, capacity: int | None) -> None:
-        if b.transfer_id <= self._last_recv_tid:
+        if b.transfer_id % 2 == (1 if self.role == "client" else 0):
+            raise self._fail(ProtocolError(f"transfer id {b.transfer_id} has this side's parity; the peer "
+                                           "announced an id it may not use"))
+        newest = max(self._last_recv_tid, self._tid_counter)
+        if b.transfer_id <= newest:
             raise self._fail(ProtocolError(f"transfer id {b.transfer_id} is not newer than the last one "
-                                           f"({self._last_recv_tid}): replayed or reordered announcement"))
+                                           f"({newest}): replayed or reordered announcement"))
         if b.chunk_bytes != self.params.chunk_bytes:
             raise self._fail(ProtocolError(f"transfer announces chunk size {b.chunk_bytes}, the session "
                                            f"negotiated {self.params.chunk_bytes}"))
