@@ -38,6 +38,8 @@ from __future__ import annotations
 import abc
 import errno as _errno
 import logging
+import math
+import numbers
 import selectors
 import socket
 import ssl
@@ -409,13 +411,10 @@ class _SendTransfer(_Transfer):
     # -- frames from the receiver ----------------------------------------------------------------
     def on_header(self, st: _Stream, h: Header) -> None:
         owner = self.owner
-        if h.type in _RX_TYPES:
-            # The other direction's frames: leftovers of a transfer we received earlier are stale
-            # (drop them); anything newer belongs to a receive call that has not started yet.
-            if h.transfer_id <= owner._last_recv_id:
-                owner._discard(st, h)
-            else:
-                st.parked = h
+        if h.type in _RX_TYPES and h.transfer_id <= owner._last_recv_id:
+            # Leftovers of a transfer this set received earlier (one set used in both directions,
+            # as Session does): stale, drop them.
+            owner._discard(st, h)
             return
         if h.type not in _TX_TYPES:
             raise _violation(f"frame type {h.type} is not legal on a data stream of a sender",
@@ -428,6 +427,8 @@ class _SendTransfer(_Transfer):
         if h.type == FrameType.DONE:
             self._all_done()
             return
+        if self.done_received:
+            return  # DONE already settled every chunk (and counted it): later ACKs/NACKs are moot
         c = self.layout.chunk_bytes
         if h.offset % c or h.offset // c >= self.next_fresh:
             raise _violation(f"{FrameType(h.type).name} for offset {h.offset}, which is not a chunk "
@@ -513,12 +514,8 @@ class _RecvTransfer(_Transfer):
 
     def on_header(self, st: _Stream, h: Header) -> None:
         owner = self.owner
-        if h.type in _TX_TYPES:
-            # ACK/NACK/DONE of a transfer this set sent earlier, read after that call returned.
-            if h.transfer_id <= owner._last_send_id:
-                return
-            raise _violation(f"{FrameType(h.type).name} for transfer {h.transfer_id}, which this side "
-                             f"never sent", errors.E_PEER, st.index)
+        if h.type in _TX_TYPES and h.transfer_id <= owner._last_send_id:
+            return  # ACK/NACK/DONE of a transfer this set sent earlier, read after that call returned
         if h.type not in _RX_TYPES:
             raise _violation(f"frame type {h.type} is not legal on a data stream of a receiver",
                              errors.E_TYPE, st.index)
@@ -643,6 +640,11 @@ class PyStreamSet:
     def __init__(self, socks: Sequence[socket.socket]) -> None:
         if not 1 <= len(socks) <= MAX_STREAMS:
             raise ConfigError(f"a stream set needs 1 to {MAX_STREAMS} sockets, got {len(socks)}")
+        fds = [s.fileno() for s in socks]
+        if min(fds) < 0:
+            raise ConfigError("a socket passed to PyStreamSet is closed; pass connected sockets")
+        if len(set(fds)) != len(fds):
+            raise ConfigError("socks contains the same socket twice; pass each connection once")
         self.count: int = len(socks)
         self._streams = [_Stream(i, s) for i, s in enumerate(socks)]
         self._stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
@@ -654,6 +656,7 @@ class PyStreamSet:
         self._last_recv_id = -1
         self._scratch = memoryview(bytearray(_SCRATCH_BYTES))
         self._last_error: str = ""
+        self._call_protocol_error: ProtocolError | None = None  # last violation seen by this call
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -683,16 +686,20 @@ class PyStreamSet:
             if length is None:
                 length = len(view)
             _check_common(view, transfer_id=transfer_id, length=length, chunk_bytes=chunk_bytes,
-                          csum_flags=csum_flags)
+                          csum_flags=csum_flags, timeout_s=timeout_s)
+            if deadline is not None and (isinstance(deadline, bool) or
+                                         not isinstance(deadline, (int, float)) or
+                                         not math.isfinite(deadline)):
+                raise ConfigError(f"deadline must be a time.monotonic() value, got {deadline!r}")
             if frame_flags & ~int(Flag.COMPRESSED):
                 raise ConfigError(f"frame_flags 0x{frame_flags:x}: only COMPRESSED (0x4) may be added to "
                                   "DATA frames; the checksum is chosen by csum_flags")
-            if transfer_id <= self._last_send_id:
-                raise ConfigError(f"transfer id {transfer_id} is not above the last one sent "
-                                  f"({self._last_send_id}); ids must increase or stale ACKs could be "
-                                  "taken for this transfer's")
             layout = _Layout(view, length, chunk_bytes)
             with self._call():
+                if transfer_id <= self._last_send_id:
+                    raise ConfigError(f"transfer id {transfer_id} is not above the last one sent "
+                                      f"({self._last_send_id}); ids must increase or stale ACKs could "
+                                      "be taken for this transfer's")
                 self._last_send_id = transfer_id
                 xfer = _SendTransfer(self, layout, transfer_id=transfer_id, csum_flags=csum_flags,
                                      frame_flags=frame_flags, deadline=deadline)
@@ -712,13 +719,13 @@ class PyStreamSet:
         view = _byte_view(buffer, writable=True)
         try:
             _check_common(view, transfer_id=transfer_id, length=length, chunk_bytes=chunk_bytes,
-                          csum_flags=csum_flags)
-            if transfer_id <= self._last_recv_id:
-                raise ConfigError(f"transfer id {transfer_id} is not above the last one received "
-                                  f"({self._last_recv_id}); ids must increase or stale chunks could be "
-                                  "taken for this transfer's")
+                          csum_flags=csum_flags, timeout_s=timeout_s)
             layout = _Layout(view, length, chunk_bytes)
             with self._call():
+                if transfer_id <= self._last_recv_id:
+                    raise ConfigError(f"transfer id {transfer_id} is not above the last one received "
+                                      f"({self._last_recv_id}); ids must increase or stale chunks could "
+                                      "be taken for this transfer's")
                 self._last_recv_id = transfer_id
                 xfer = _RecvTransfer(self, layout, transfer_id=transfer_id, csum_flags=csum_flags)
                 try:
@@ -733,6 +740,11 @@ class PyStreamSet:
     def stats(self) -> dict[str, int]:
         """Counters over the set's life (same keys as the C engine's ``dwcp_stats``)."""
         return dict(self._stats)
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._closed
 
     def alive(self) -> list[bool]:
         return [st.alive and not st.kill_requested for st in self._streams]
@@ -833,8 +845,6 @@ class PyStreamSet:
         self._stats[key] += n
 
     def _run(self, xfer: _Transfer, timeout_s: float) -> None:
-        if timeout_s <= 0:
-            timeout_s = 30.0
         last_progress = time.monotonic()
         # Headers of this transfer read during an earlier call: dispatch them first.
         for st in self._live():
@@ -923,6 +933,11 @@ class PyStreamSet:
                 self._die(st, xfer, _StreamDied("killed locally"))
 
     def _all_dead(self, xfer: _Transfer) -> None:
+        proto = self._call_protocol_error
+        if proto is not None:
+            # As the C engine: when a peer's protocol violation is among the reasons the transfer
+            # has no stream left, that is the error to report (it says whose fault it was).
+            raise ProtocolError(f"every data stream died; {proto}", code=proto.code, stream=proto.stream)
         last = self._stats["last_errno"]
         cause = f" (last: {self._last_error})" if self._last_error else ""
         raise PeerClosedError(
@@ -930,6 +945,8 @@ class PyStreamSet:
             "the peer closed, crashed or the path is down", errno=last or None)
 
     def _die(self, st: _Stream, xfer: _Transfer, why: _StreamDied) -> None:
+        if isinstance(why.error, ProtocolError):
+            self._call_protocol_error = why.error
         level = logging.WARNING if isinstance(why.error, ProtocolError) else logging.INFO
         log.log(level, "stream %d died: %s", st.index, why.reason)
         with self._lock:
@@ -1057,9 +1074,10 @@ class _CallGuard:
             if o._closed:
                 raise SessionClosedError("this stream set is closed; open a new session")
             if o._running:
-                raise TransportError("another transfer is running on this stream set; one transfer "
-                                     "runs at a time")
+                raise TransportError("this stream set is already running a transfer in another "
+                                     "thread; one transfer runs at a time")
             o._running = True
+            o._call_protocol_error = None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -1096,7 +1114,16 @@ def _byte_view(buffer: Any, *, writable: bool) -> memoryview:
 
 
 def _check_common(view: memoryview, *, transfer_id: int, length: int, chunk_bytes: int,
-                  csum_flags: int) -> None:
+                  csum_flags: int, timeout_s: float) -> None:
+    """Argument checks shared by send and recv_into (the same rules, and words, as dwcp._core)."""
+    for name, value in (("transfer_id", transfer_id), ("length", length), ("chunk_bytes", chunk_bytes),
+                        ("csum_flags", csum_flags)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name} must be an int, got {type(value).__name__}")
+    if (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+            or not math.isfinite(timeout_s) or timeout_s <= 0):
+        raise ConfigError(f"timeout_s must be > 0 and finite (seconds without progress), got "
+                          f"{timeout_s!r}")
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ConfigError(f"chunk_bytes must be 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
     if csum_flags not in _CSUM_CHOICES:

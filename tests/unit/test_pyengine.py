@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from dwcp.errors import (ConfigError, PeerClosedError, SessionClosedError, TransferTimeout)
+from dwcp import errors
+from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
+                         TransferTimeout, TransportError)
 from dwcp.transport.pyengine import PyStreamSet
 from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
                               encode_header, payload_checksum)
@@ -246,7 +248,7 @@ def test_wrap_mode_deadline_truncates(pairs: Pairs) -> None:
     assert sent == got
     assert 0 < sent < length and sent % chunk == 0
     assert tx.stats()["truncated_at"] == rx.stats()["truncated_at"] == sent
-    assert rx.stats()["bytes_payload"] == tx.stats()["bytes_payload"] == sent
+    assert rx.stats()["bytes_payload"] == tx.stats()["bytes_payload"] == sent, (tx.stats(), rx.stats())
     if sent >= len(data):
         assert dest == data
     # The set stays usable after a truncated transfer.
@@ -352,6 +354,8 @@ def test_interrupt_and_close_stop_a_running_transfer(pairs: Pairs) -> None:
     receiver = Bg(rx.recv_into, bytearray(4096), transfer_id=1, length=4096, chunk_bytes=4096,
                   csum_flags=XXH3, timeout_s=30)
     time.sleep(0.05)
+    with pytest.raises(TransportError, match="already running"):
+        rx.recv_into(bytearray(4096), transfer_id=2, length=4096, chunk_bytes=4096, csum_flags=XXH3)
     rx.interrupt()
     with pytest.raises(SessionClosedError, match="interrupt"):
         receiver.result(timeout=5)
@@ -391,8 +395,21 @@ def test_bad_arguments(pairs: Pairs) -> None:
         tx.send(b"x", transfer_id=5, chunk_bytes=4, csum_flags=XXH3)
     with pytest.raises(ConfigError, match="not above the last one received"):
         rx.recv_into(bytearray(1), transfer_id=4, length=1, chunk_bytes=4, csum_flags=XXH3)
+    with pytest.raises(ConfigError, match="timeout_s"):
+        rx.recv_into(bytearray(10), transfer_id=9, length=10, chunk_bytes=10, csum_flags=XXH3,
+                     timeout_s=0)
+    with pytest.raises(ConfigError, match="deadline"):
+        tx.send(b"x", transfer_id=9, chunk_bytes=4, csum_flags=XXH3, deadline="soon")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         PyStreamSet([])
+    a, _ = pairs(1)
+    with pytest.raises(ConfigError, match="twice"):
+        PyStreamSet([a[0], a[0]])
+    with pytest.raises(ConfigError, match="index"):
+        tx.kill(3)
+    with PyStreamSet(a) as s:
+        assert not s.closed and s.count == 1
+    assert s.closed
 
 
 # ---- a misbehaving peer, spoken to in raw frames ---------------------------------------------------
@@ -451,6 +468,36 @@ def test_protocol_violation_kills_only_that_stream_and_writes_nothing(pairs: Pai
     st = rx.stats()
     assert st["streams_failed"] == 1 and st["last_failed_stream"] == 0
     assert rx.alive() == [False, True]
+
+
+@pytest.mark.parametrize("bad,code", [("ack_to_receiver", errors.E_TYPE), ("past_end", errors.E_RANGE),
+                                      ("wrong_csum_kind", errors.E_FLAGS), ("future_ack", None)])
+def test_violation_on_the_last_stream_is_a_protocol_error(pairs: Pairs, bad: str,
+                                                           code: int | None) -> None:
+    """With no stream left, a violation among the causes is what the call reports (as the C engine
+    does): ProtocolError carrying the code and the stream, not a generic PeerClosedError."""
+    raw, socks = pairs(1)
+    if bad == "future_ack":  # the test plays the receiver: an ACK for a transfer not yet sent
+        tx = PyStreamSet(raw)
+        pairs.sets.append(tx)
+        socks[0].settimeout(HANG_S)
+        call = Bg(tx.send, bytes(100), transfer_id=1, chunk_bytes=100, csum_flags=XXH3, timeout_s=10)
+        socks[0].sendall(ctl_frame(FrameType.ACK, stream=0, tid=2))
+        code = errors.E_PEER
+    else:
+        rx = PyStreamSet(socks)
+        pairs.sets.append(rx)
+        call = Bg(rx.recv_into, bytearray(100), transfer_id=1, length=100, chunk_bytes=100,
+                  csum_flags=XXH3, timeout_s=10)
+        if bad == "ack_to_receiver":
+            raw[0].sendall(ctl_frame(FrameType.ACK, stream=0, tid=1))
+        elif bad == "past_end":
+            raw[0].sendall(data_frame(bytes(100), stream=0, tid=1, offset=100))
+        else:
+            raw[0].sendall(data_frame(bytes(100), stream=0, tid=1, offset=0, csum=CRC32C))
+    with pytest.raises(ProtocolError) as ei:
+        call.result()
+    assert ei.value.code == code and ei.value.stream == 0
 
 
 def test_violation_on_one_stream_transfer_completes_on_the_other(pairs: Pairs) -> None:
