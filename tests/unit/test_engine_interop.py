@@ -34,12 +34,6 @@ XXH3 = int(Flag.CSUM_XXH3)
 CRC32C = int(Flag.CSUM_CRC32C)
 HANG_S = 20.0
 DIRECTIONS = [pytest.param(("c", "py"), id="c_to_py"), pytest.param(("py", "c"), id="py_to_c")]
-# Known C receiver bug, reported to the C engine's author: after a stream dies while writing a chunk
-# whose re-sent duplicate another stream dropped, the C receiver never asks for it again and the
-# transfer hangs until its timeout. Not strict: once fixed these XPASS; then drop the marks.
-C_RX_DROPPED_DUP = pytest.mark.xfail(
-    reason="C receiver does not NACK a chunk whose writer died after its duplicate was dropped "
-           "(see test_receiver_asks_again_for_a_chunk_whose_writer_died)", strict=False)
 
 
 @pytest.fixture
@@ -208,8 +202,7 @@ def test_wrap_mode_and_deadline_truncation(net: Net, kinds: tuple[str, str]) -> 
         assert dest2 == data
 
 
-@pytest.mark.parametrize("kinds", [DIRECTIONS[0], pytest.param(("py", "c"), id="py_to_c",
-                                                                marks=C_RX_DROPPED_DUP)])
+@pytest.mark.parametrize("kinds", DIRECTIONS)
 def test_stream_death_resends_on_survivors(net: Net, kinds: tuple[str, str]) -> None:
     tx, rx, _, rx_socks = net.link(kinds, 4)
     chunk = 1 << 20
@@ -294,13 +287,13 @@ def test_receivers_write_identical_bytes(net: Net) -> None:
     assert types == [FrameType.ACK, FrameType.NACK, FrameType.ACK, FrameType.DONE]
 
 
-@pytest.mark.parametrize("kind", ["py", pytest.param("c", marks=C_RX_DROPPED_DUP)])
+@pytest.mark.parametrize("kind", ["py", "c"])
 def test_receiver_asks_again_for_a_chunk_whose_writer_died(net: Net, kind: str) -> None:
     """Chunk 0 is being written from stream 0 when a re-sent copy arrives on stream 1 (dropped:
     another live stream is writing it); then stream 0 dies mid-payload. The sender holds the dropped
     copy as outstanding on a live stream and never resends it by itself, so the receiver must ask
     for it (NACK, "offset = chunk to send again"). Without that the transfer hangs until its
-    timeout; test_stream_death_resends_on_survivors[py_to_c] hits this by chance."""
+    timeout (test_stream_death_resends_on_survivors hit this by chance before both engines did it)."""
     a, b = net.pairs(2)
     rx = net.engine(kind, b)
     for s in a:
