@@ -4,7 +4,8 @@
  * - Edge-triggered epoll with per-stream readable/writable flags: interest never changes, so there is
  *   no epoll_ctl per chunk. A short read/write is treated like EAGAIN: the kernel set SOCK_NOSPACE (or
  *   emptied the receive queue) and will signal a new edge when that changes, saving one syscall per
- *   batch.
+ *   batch. Except after a FIN: a recv returns the data queued before it and the FIN itself raises no
+ *   new edge, so once an event carried RDHUP/HUP the stream is read until EAGAIN or EOF.
  * - Per-chunk state is one uint16 (0 = untouched, 1..256 = in flight/being written on stream v-1,
  *   QUEUED, DONE) in an array that grows (doubling) with the highest chunk touched: benchmarks ask for
  *   petabyte logical lengths in wrap mode and stop at a deadline, so nothing is sized by length.
@@ -69,6 +70,7 @@ typedef struct stream {
     int kill_req; /* atomic: set by dwcp_streams_kill from any thread, applied by the engine */
     int readable; /* edge-triggered readiness not yet consumed */
     int writable;
+    int hup;      /* an event reported RDHUP/HUP: a short read no longer means "drained" */
 
     /* outgoing data frame (sender) */
     int tx_active;
@@ -772,7 +774,7 @@ static void tx_read(xfer *x, stream *t)
         }
         t->rx_hdr_got = have - off;
         memcpy(t->rx_hdr, b + off, t->rx_hdr_got);
-        if ((size_t)n < want)
+        if ((size_t)n < want && !t->hup)
             t->readable = 0;
     }
 }
@@ -999,7 +1001,7 @@ static void rx_read(xfer *x, stream *t)
                 }
             }
         }
-        if ((size_t)n < want)
+        if ((size_t)n < want && !t->hup)
             t->readable = 0;
     }
 }
@@ -1087,6 +1089,8 @@ static int run(xfer *x)
             if (e & EPOLLERR && (t->zc_issued != t->zc_done))
                 zc_reap(s, t);
             /* HUP/ERR: let the next recv/send report EOF or the socket error. */
+            if (e & (EPOLLHUP | EPOLLRDHUP))
+                t->hup = 1;
             if (e & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
                 t->readable = 1;
             if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
@@ -1312,7 +1316,8 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n)
             goto fail;
         int one = 1;
         setsockopt(t->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLET, .data.u32 = (uint32_t)i};
+        struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                                .data.u32 = (uint32_t)i};
         if (epoll_ctl(s->ep, EPOLL_CTL_ADD, t->fd, &e) < 0)
             goto fail; /* not pollable, or the same fd twice */
         t->alive = 1;

@@ -7,7 +7,8 @@
  * Mark Adler's crc32c.c). The instruction is chosen at runtime so one build runs on any x86-64; other
  * CPUs use slicing-by-8 tables.
  *
- * XXH3: libxxhash's header inlined (XXH_INLINE_ALL) so the data path calls no shared library. */
+ * XXH3: libxxhash's header inlined (XXH_INLINE_ALL) so the data path calls no shared library; an AVX2
+ * build of it (xxh3_avx2.c) is used when the CPU has AVX2. */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -15,6 +16,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "checksum_impl.h"
 #include "dwcp/frame.h"
 
 #define POLY 0x82f63b78u
@@ -31,6 +33,7 @@ static uint32_t crc_short[4][256];
 #endif
 
 static int crc_hw;
+static int xxh_avx2;
 
 static uint32_t gf2_matrix_times(const uint32_t *mat, uint32_t vec)
 {
@@ -194,6 +197,9 @@ __attribute__((constructor)) static void crc_init(void)
     __builtin_cpu_init();
     crc_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
 #endif
+#ifdef DWCP_HAVE_XXH3_AVX2
+    xxh_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+#endif
 }
 
 int dwcp_crc32c_hw(void)
@@ -217,6 +223,11 @@ uint32_t dwcp_crc32c_sw(uint32_t crc, const void *buf, size_t len)
 
 uint64_t dwcp_xxh3(const void *buf, size_t len)
 {
+#ifdef DWCP_HAVE_XXH3_AVX2
+    /* Short inputs take the scalar paths either way; skip the indirection for them. */
+    if (xxh_avx2 && len > 240)
+        return dwcp_xxh3_avx2(buf, len);
+#endif
     return (uint64_t)XXH3_64bits(buf, len);
 }
 
