@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dwcp import errors
 from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
@@ -517,6 +519,43 @@ def test_violation_on_one_stream_transfer_completes_on_the_other(pairs: Pairs) -
     assert rx.alive() == [False, True]
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(junk=st.one_of(st.binary(min_size=1, max_size=300),
+                      st.tuples(st.integers(0, 39), st.integers(1, 255))))
+def test_garbage_on_a_stream_never_reaches_the_buffer(junk: bytes | tuple[int, int]) -> None:
+    """Random bytes, or a DATA frame with one header byte changed, on stream 0: that stream dies (at
+    the latest when it reaches EOF) and the buffer stays untouched; the transfer then completes on
+    stream 1."""
+    p = Pairs()
+    try:
+        raw, socks = p(2)
+        rx = PyStreamSet(socks)
+        p.sets.append(rx)
+        for s in raw:
+            s.settimeout(HANG_S)
+        data = os.urandom(2000)
+        dest = bytearray(b"\xee" * 2000)
+        receiver = Bg(rx.recv_into, dest, transfer_id=1, length=2000, chunk_bytes=1000,
+                      csum_flags=XXH3, timeout_s=10)
+        if isinstance(junk, tuple):
+            pos, xor = junk
+            frame = bytearray(data_frame(b"\x55" * 1000, stream=0, tid=1, offset=0))
+            frame[pos] ^= xor  # the header CRC catches any change to bytes 0..39
+            junk = bytes(frame)
+        raw[0].sendall(junk)
+        raw[0].shutdown(socket.SHUT_WR)
+        t_end = time.monotonic() + HANG_S
+        while rx.alive()[0] and time.monotonic() < t_end:
+            time.sleep(0.002)
+        assert not rx.alive()[0]
+        assert dest == b"\xee" * 2000
+        raw[1].sendall(data_frame(data[:1000], stream=1, tid=1, offset=0)
+                       + data_frame(data[1000:], stream=1, tid=1, offset=1000))
+        assert receiver.result() == 2000 and dest == data
+    finally:
+        p.close()
+
+
 def test_stale_and_duplicate_frames_are_discarded(pairs: Pairs) -> None:
     raw, socks = pairs(2)
     rx = PyStreamSet(socks)
@@ -681,10 +720,10 @@ def _self_signed(tmp_path: Any) -> tuple[str, str]:
     openssl CLI."""
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
+        from cryptography import x509  # type: ignore[import-not-found, unused-ignore]
+        from cryptography.hazmat.primitives import hashes, serialization  # type: ignore[import-not-found, unused-ignore]
+        from cryptography.hazmat.primitives.asymmetric import ec  # type: ignore[import-not-found, unused-ignore]
+        from cryptography.x509.oid import NameOID  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         openssl = shutil.which("openssl")
         if openssl is None:
