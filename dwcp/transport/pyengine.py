@@ -13,8 +13,8 @@ chunks first), so fast streams carry more; every readable stream is read frame b
 Why one thread and not a reader and a writer thread per stream: an ``ssl.SSLSocket`` must not be read
 and written from two threads at once (OpenSSL's ``SSL`` object is not thread-safe, and TLS 1.3 reads
 can trigger writes), and a single loop keeps every piece of transfer state owned by one thread, so
-there are no locks on the data path. Syscalls and checksums release the GIL, so throughput is
-bounded by the kernel and xxh3, not by the loop.
+there are no locks on the data path. The socket syscalls release the GIL, so a sender and a
+receiver in one process (tests) overlap.
 
 Per-stream state (a half-read header, the rest of a payload to discard, a frame of a *future* transfer
 whose header was already read, a half-written frame) lives in ``_Stream`` and survives across calls,
@@ -25,6 +25,19 @@ of a duplicate's payload discards the rest in the next call.
 
 Transfer ids must increase per direction (docs/protocol.md "Transfers"): frames with an earlier id
 are stale duplicates and are discarded, which is only safe if ids are never reused.
+
+Choices where docs/protocol.md leaves room, made as the C engine makes them (the interop tests check
+that both engines write identical bytes):
+- ACK/NACK/DONE/TRUNCATE carry flags 0 and checksum 0; DONE's offset is the transfer's length.
+- A DATA header of a later transfer is kept (the stream pauses) until the call for that transfer.
+- A receiver stream that dies while writing chunk k, after a duplicate of k was dropped on another
+  stream, makes the receiver NACK k: the sender holds that duplicate as outstanding on a live
+  stream and would otherwise never send k again.
+- When no stream is left and a protocol violation was among the causes, the call raises that
+  ProtocolError (code, stream); otherwise PeerClosedError.
+Not in the C engine: late ACK/DONE of this set's own earlier sends, read while it receives (and late
+DATA of its earlier receives, read while it sends), are dropped as stale, since Session uses one
+stream set for both directions.
 
 Zero-copy: ``zerocopy``/``zc_min_bytes`` are accepted for API compatibility and ignored
 (``zc_sends`` stays 0). MSG_ZEROCOPY needs ``sendmsg(MSG_ZEROCOPY)`` plus reaping completions from the
