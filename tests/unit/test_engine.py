@@ -81,6 +81,7 @@ def balanced_counters() -> Iterator[None]:
     after = _core.debug_counters()
     assert after["live_stream_sets"] == before["live_stream_sets"]
     assert after["zc_pending"] == before["zc_pending"]
+    assert after["carry_buffers"] == before["carry_buffers"]
 
 
 class Background:
@@ -517,6 +518,73 @@ def test_receiver_asks_again_for_a_chunk_whose_writer_died() -> None:
         assert _read_frame(a[1])[1] == FrameType.DONE
         assert rx.result() == 2 * chunk and dst == data
         assert rx_set.stats()["chunks_duplicate"] == 1
+    for s in a + b:
+        s.close()
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    out = bytearray()
+    while len(out) < n:
+        part = sock.recv(min(n - len(out), 1 << 20))
+        assert part, "engine closed the connection"
+        out += part
+    return bytes(out)
+
+
+def test_sender_carries_a_cut_off_frame_into_the_next_call() -> None:
+    # DONE arrives while a big frame is still half in the socket: send() returns, the caller may
+    # scribble over its buffer, and the rest of that frame goes out (from a private copy) at the
+    # start of the next call, so the byte stream stays framed.
+    a, b = make_pairs(1)
+    chunk = 16 * MiB
+    src = bytearray(pattern(2 * chunk, 3))
+    original = bytes(src)
+    with StreamSet([a[0].fileno()]) as tx_set:
+        tx = Background(lambda: tx_set.send(src, transfer_id=1, chunk_bytes=chunk,
+                                            csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        time.sleep(0.2)  # let the first frame fill the socket buffers
+        b[0].sendall(_core.encode_header(FrameType.DONE, 0, 0, 0, 1, 2 * chunk, 0))
+        assert tx.result() == 2 * chunk
+        if _core.features()["debug_counters"]:
+            assert _core.debug_counters()["carry_buffers"] >= 1
+        src[:] = bytes(len(src))  # the caller owns its buffer again
+        tx = Background(lambda: tx_set.send(b"next", transfer_id=2, chunk_bytes=chunk,
+                                            csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        h = _core.decode_header(_read_exact(b[0], 48), chunk)
+        assert (h[1], h[4], h[5], h[6]) == (FrameType.DATA, chunk, 1, 0)
+        assert _read_exact(b[0], chunk) == original[:chunk]
+        h = _core.decode_header(_read_exact(b[0], 48), chunk)
+        assert (h[1], h[4], h[5]) == (FrameType.DATA, 4, 2)
+        assert _read_exact(b[0], 4) == b"next"
+        b[0].sendall(_core.encode_header(FrameType.ACK, 0, 0, 0, 2, 0, 0))
+        assert tx.result() == 4
+    for s in a + b:
+        s.close()
+
+
+def test_receiver_discards_the_rest_of_a_duplicate_in_the_next_call() -> None:
+    a, b = make_pairs(2)
+    chunk = 4096
+    data = bytes(pattern(2 * chunk, 4))
+    dst = bytearray(2 * chunk)
+    with StreamSet([s.fileno() for s in b]) as rx_set:
+        rx = Background(lambda: rx_set.recv_into(dst, transfer_id=1, length=2 * chunk, chunk_bytes=chunk,
+                                                 csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        a[0].sendall(_data_frame(0, 1, 0, data[:chunk]))
+        assert _read_frame(a[0])[1::5] == (FrameType.ACK, 0)
+        dup = _data_frame(1, 1, 0, data[:chunk])
+        a[1].sendall(dup[:48 + 1000])  # a duplicate, cut off by the end of the transfer
+        time.sleep(0.05)
+        a[0].sendall(_data_frame(0, 1, chunk, data[chunk:]))
+        assert rx.result() == 2 * chunk and dst == data
+        second = bytes(pattern(chunk, 5))
+        out = bytearray(chunk)
+        rx = Background(lambda: rx_set.recv_into(out, transfer_id=2, length=chunk, chunk_bytes=chunk,
+                                                 csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        a[1].sendall(dup[48 + 1000:] + _data_frame(1, 2, 0, second))
+        assert rx.result() == chunk and out == second
+        assert dst == data  # the tail of the duplicate went nowhere near the old buffer
     for s in a + b:
         s.close()
 
