@@ -50,8 +50,8 @@ class TransportError(DWCPError, OSError):
 
     def __init__(self, message: str, *, errno: int | None = None, stream: int | None = None) -> None:
         OSError.__init__(self, message)
-        self.errno = errno  # type: ignore[misc]
-        self.strerror = message  # type: ignore[misc]
+        self.errno = errno
+        self.strerror = message
         self.stream = stream
 
     def __str__(self) -> str:

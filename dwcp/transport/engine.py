@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 
 class StreamSetLike(Protocol):
-    count: int
+    @property
+    def count(self) -> int: ...
 
     def send(self, buffer: Any, *, transfer_id: int, chunk_bytes: int, csum_flags: int,
              length: int | None = None, frame_flags: int = 0, timeout_s: float = 30.0,
