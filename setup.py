@@ -43,6 +43,38 @@ ext = Extension(
 )
 
 
+# --- netlab delay line: a standalone executable (not an extension) shipped inside the package as
+# dwcp/netlab/dwcp-delayline. Built by the build_ext command below (which `build`, `pip install .` and
+# `build_ext --inplace` all run); rebuilt when its source or the flags change (DWCP_SANITIZE).
+DELAYLINE_SRC = "csrc/netlab/delayline.c"
+DELAYLINE_FLAGS = (common + ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith",
+                             "-Wstrict-prototypes", "-Wmissing-prototypes"] + link)
+
+
+def build_delayline(cmd):
+    """Compile the delay line with $CC (else the compiler Python was built with) into the package."""
+    import shlex
+    import subprocess
+    import sysconfig
+
+    base = "." if cmd.inplace else cmd.build_lib
+    out = os.path.join(base, "dwcp", "netlab", "dwcp-delayline")
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    argv = cc + DELAYLINE_FLAGS + ["-o", out, DELAYLINE_SRC]
+    stamp = os.path.join(cmd.build_temp, "dwcp-delayline.cmd")
+    wanted = " ".join(argv)
+    current = open(stamp).read() if os.path.exists(stamp) else ""
+    if (not cmd.force and current == wanted and os.path.exists(out)
+            and os.path.getmtime(out) >= os.path.getmtime(DELAYLINE_SRC)):
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(cmd.build_temp, exist_ok=True)
+    print(wanted)
+    subprocess.check_call(argv)
+    with open(stamp, "w") as f:
+        f.write(wanted)
+
+
 class build_ext(_build_ext):
     """`setup.py build_ext --inplace` alone does not run build_clib (only `build` does), so the
     extension would link against a missing or stale libdwcpcore.a: build the C core first."""
@@ -50,6 +82,7 @@ class build_ext(_build_ext):
     def run(self):
         self.run_command("build_clib")
         super().run()
+        build_delayline(self)
 
 
 directives = {"language_level": "3", "embedsignature": True}

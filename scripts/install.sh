@@ -11,6 +11,7 @@ APT_PACKAGES=(
   openssl                                                # TLS tests make throwaway certificates
   iperf3 iperf                                           # peers in bench/throughput
   procps iproute2                                        # ps/ss/ip used by tests that cross-check us
+  iputils-ping                                           # netlab tests/bench measure RTT with ping
 )
 
 missing=()
