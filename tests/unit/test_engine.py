@@ -327,6 +327,44 @@ def test_sender_side_kill_requeues(link_factory: Callable[[int], Link]) -> None:
     assert link.tx.alive() == [False, True, True]
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_random_stream_deaths_never_corrupt_or_hang(link_factory: Callable[[int], Link],
+                                                    seed: int) -> None:
+    # Random stream counts, chunk sizes and deaths (either side, engine kill or a socket shutdown
+    # behind the engine's back), always leaving one pair alive: the transfer must complete with the
+    # right bytes. This is how the lost-FIN and dropped-duplicate hangs were found.
+    import random
+    rng = random.Random(seed)
+    n = rng.choice([2, 3, 5, 8])
+    chunk = rng.choice([1000, 4096, 65536, 1 << 20])
+    size = rng.randrange(1, 24 * MiB)
+    link = link_factory(n)
+    src = pattern(size, seed)
+    dst = np.zeros(size, dtype=np.uint8)
+    victims = rng.sample(range(n), rng.randrange(1, n))
+    plan = [(k, rng.choice("ab+-"), rng.random() * 0.01) for k in victims]
+
+    def killer() -> None:
+        for k, how, delay in plan:
+            time.sleep(delay)
+            if how == "a":
+                link.a[k].shutdown(socket.SHUT_RDWR)
+            elif how == "b":
+                link.b[k].shutdown(socket.SHUT_RDWR)
+            elif how == "+":
+                link.tx.kill(k)
+            else:
+                link.rx.kill(k)
+
+    rx = Background(lambda: link.rx.recv_into(dst, transfer_id=1, length=size, chunk_bytes=chunk,
+                                              csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+    k = Background(killer)
+    sent = link.tx.send(src, transfer_id=1, chunk_bytes=chunk, csum_flags=FLAG_CSUM_XXH3, timeout_s=20)
+    assert rx.result() == sent == size, plan
+    k.result()
+    assert np.array_equal(src, dst), plan
+
+
 def test_all_streams_killed_raises_peer_closed(link_factory: Callable[[int], Link]) -> None:
     link = link_factory(4)
     size = 256 * MiB
