@@ -7,6 +7,7 @@ import json
 import click
 
 import dwcp
+from dwcp.cli.netlab import netlab
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +28,8 @@ def features(as_json: bool) -> None:
     for name, f in sorted(report.items()):
         click.echo(f"  {'yes' if f['available'] else 'no ':3}  {name:10} {f['reason']}")
 
+
+main.add_command(netlab)  # `dwcp netlab ...` (pyroute2 is imported only when a netlab command runs)
 
 if __name__ == "__main__":
     main()
