@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -570,6 +571,11 @@ static int cmd_run(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+
+    /* The default 50 us timer slack lets ppoll() wake up to 50 us late at every departure: on a
+     * 0.2 ms RTT link that alone would be a quarter of the delay. Ask for 1 us. */
+    if (prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL) < 0)
+        die("prctl(PR_SET_TIMERSLACK)");
 
     l.start_ns = mono_ns();
     uint64_t interval_ns = interval_ms * 1000000ull, next_stats = l.start_ns;

@@ -12,8 +12,8 @@ import os
 import signal
 import socket
 
-from pyroute2 import NetNS, netns
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import NetNS, netns  # type: ignore[import-untyped]  # no stubs, no py.typed
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from dwcp.errors import ConfigError, DWCPError
 
