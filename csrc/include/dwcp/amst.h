@@ -4,7 +4,9 @@
  * owned by the caller, who closes them after dwcp_streams_free). It persists across transfers because
  * a stream can be in the middle of a frame when a transfer completes (a duplicate chunk re-sent after
  * another stream died): that frame's tail is finished (sender: from a private copy) or discarded
- * (receiver) by the next call, so the caller's buffer is never touched after a call returns.
+ * (receiver) by the next call, so the caller's buffer is never touched after a call returns. Likewise a
+ * receiver that meets a frame of the next transfer (the sender moves on once it holds every ACK) keeps
+ * its header for the next call.
  *
  * Both calls block until the transfer is complete, fails, or makes no progress for timeout_ms; they
  * never take the GIL. */
