@@ -117,6 +117,10 @@ struct dwcp_streams {
     unsigned zc_ranges;
     unsigned zc_copied_ranges;
     uint8_t *scratch;
+    /* Session uses one set for both directions: late frames of the other direction are recognised
+     * as stale by comparing with the newest id this set sent / received (ids grow per direction). */
+    uint64_t last_send_id, last_recv_id;
+    int have_send_id, have_recv_id;
 };
 
 /* A duplicate dropped because another stream was writing the chunk (receiver). */
@@ -695,11 +699,28 @@ static void tx_write(xfer *x, stream *t)
 static int tx_frame(xfer *x, stream *t, const uint8_t *b)
 {
     dwcp_frame f;
-    int rc = dwcp_frame_decode(b, 0, &f);
+    dwcp_streams *s = x->s;
+    int rc = dwcp_frame_decode(b, DWCP_MAX_CHUNK_BYTES, &f);
     if (rc)
         return rc;
+    if ((f.type == DWCP_T_DATA || f.type == DWCP_T_TRUNCATE) && s->have_recv_id &&
+        f.transfer_id <= s->last_recv_id) {
+        /* A late re-send of a transfer this set received earlier: drain and drop it. */
+        if (f.type == DWCP_T_TRUNCATE && f.length)
+            return DWCP_E_LENGTH;
+        if (f.length) {
+            t->rx_mode = RX_DISCARD;
+            t->rx_len = f.length;
+            t->rx_got = 0;
+            t->rx_dup_ack = 0;
+            t->rx_current = 0;
+        }
+        return 0;
+    }
     if (f.type != DWCP_T_ACK && f.type != DWCP_T_NACK && f.type != DWCP_T_DONE)
         return DWCP_E_TYPE;
+    if (f.length)
+        return DWCP_E_LENGTH;
     if (f.stream != t->idx)
         return DWCP_E_STREAM;
     if (f.transfer_id < x->o->transfer_id)
@@ -744,7 +765,30 @@ static void tx_read(xfer *x, stream *t)
 {
     uint8_t b[ACK_BATCH * DWCP_HEADER_BYTES];
     while (is_alive(t) && t->readable) {
-        size_t have = t->rx_hdr_got;
+        if (t->rx_mode != RX_HDR && t->rx_len - t->rx_got >= sizeof b) {
+            /* Draining a stale payload: read it in big pieces, not ACK-batch-sized ones. */
+            uint64_t rem = t->rx_len - t->rx_got;
+            size_t want = rem < SCRATCH_BYTES ? (size_t)rem : SCRATCH_BYTES;
+            ssize_t n = recv(t->fd, x->s->scratch, want, MSG_DONTWAIT);
+            if (n <= 0) {
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n < 0 && would_block(errno)) {
+                    t->readable = 0;
+                    return;
+                }
+                stream_die(x, t, n < 0 ? errno : 0);
+                return;
+            }
+            progress(x, x->s, (size_t)n);
+            t->rx_got += (uint64_t)n;
+            if (t->rx_got == t->rx_len)
+                t->rx_mode = RX_HDR;
+            if ((size_t)n < want && !t->hup)
+                t->readable = 0;
+            continue;
+        }
+        size_t have = t->rx_mode == RX_HDR ? t->rx_hdr_got : 0;
         memcpy(b, t->rx_hdr, have);
         size_t want = sizeof b - have;
         ssize_t n = recv(t->fd, b + have, want, MSG_DONTWAIT);
@@ -765,8 +809,20 @@ static void tx_read(xfer *x, stream *t)
         progress(x, x->s, (size_t)n);
         have += (size_t)n;
         size_t off = 0;
-        for (; off + DWCP_HEADER_BYTES <= have; off += DWCP_HEADER_BYTES) {
+        while (off < have) {
+            if (t->rx_mode != RX_HDR) {
+                uint64_t rem = t->rx_len - t->rx_got;
+                size_t take = rem < have - off ? (size_t)rem : have - off;
+                t->rx_got += take;
+                off += take;
+                if (t->rx_got == t->rx_len)
+                    t->rx_mode = RX_HDR;
+                continue;
+            }
+            if (have - off < DWCP_HEADER_BYTES)
+                break;
             int rc = tx_frame(x, t, b + off);
+            off += DWCP_HEADER_BYTES;
             if (rc < 0) {
                 stream_die(x, t, rc);
                 return;
@@ -821,6 +877,12 @@ static int rx_header(xfer *x, stream *t)
     int rc = dwcp_frame_decode(t->rx_hdr, DWCP_MAX_CHUNK_BYTES, f);
     if (rc)
         return rc;
+    if ((f->type == DWCP_T_ACK || f->type == DWCP_T_NACK || f->type == DWCP_T_DONE) &&
+        x->s->have_send_id && f->transfer_id <= x->s->last_send_id) {
+        /* ACK/DONE of a transfer this set sent earlier, arriving after that call returned. */
+        t->rx_hdr_got = 0;
+        return f->length ? DWCP_E_LENGTH : 0;
+    }
     if (f->type != DWCP_T_DATA && f->type != DWCP_T_TRUNCATE)
         return DWCP_E_TYPE;
     if (f->stream != t->idx)
@@ -1006,6 +1068,17 @@ static void rx_read(xfer *x, stream *t)
     }
 }
 
+/* The tail of a frame this set was sending when its last send call ended goes out before any ACK, or
+ * the peer would read the ACK as payload. */
+static void rx_flush(xfer *x, stream *t)
+{
+    while (t->tx_carry && is_alive(t) && t->writable)
+        if (tx_step(x, t) <= 0)
+            return;
+    if (!t->tx_carry && is_alive(t))
+        flush_ctl(x, t);
+}
+
 /* ---------------------------------------------------------------- driver */
 
 static int xfer_complete(xfer *x)
@@ -1108,8 +1181,8 @@ static int run(xfer *x)
             } else {
                 if (t->readable)
                     rx_read(x, t);
-                if (is_alive(t) && t->writable && ctl_pending(t))
-                    flush_ctl(x, t);
+                if (is_alive(t) && t->writable && (t->tx_carry || ctl_pending(t)))
+                    rx_flush(x, t);
             }
         }
     }
@@ -1248,6 +1321,16 @@ static int transfer(dwcp_streams *s, int sender, const void *buf, uint64_t buf_l
         return DWCP_E_INVAL;
     xfer x;
     int rc = xfer_init(&x, s, sender, buf, buf_len, o);
+    if (rc == 0) {
+        uint64_t *last = sender ? &s->last_send_id : &s->last_recv_id;
+        int *have = sender ? &s->have_send_id : &s->have_recv_id;
+        if (*have && o->transfer_id <= *last) {
+            rc = DWCP_E_INVAL; /* stale-frame detection relies on ids growing per direction */
+        } else {
+            *last = o->transfer_id;
+            *have = 1;
+        }
+    }
     if (rc == 0) {
         if (x.use_zc && !s->zc_fallback && !enable_zerocopy(s))
             x.use_zc = 0; /* the kernel refuses SO_ZEROCOPY: plain sends are the only option */

@@ -187,17 +187,23 @@ cdef class StreamSet:
 
     ``fds`` are connected TCP sockets (ints); stream i carries frames with stream index i. The engine
     makes them non-blocking and sets TCP_NODELAY; the fds stay yours: close them after close().
-    One transfer at a time per set; send/recv release the GIL for the whole transfer."""
+    One transfer at a time per set, in either direction (late frames of the other direction are
+    dropped as stale); transfer ids must grow per direction. send/recv release the GIL for the whole
+    transfer."""
 
     cdef dwcp_streams *_s
     cdef int _n
     cdef bint _busy
     cdef bint _close_pending
+    cdef object _last_send_id
+    cdef object _last_recv_id
 
     def __cinit__(self, fds):
         cdef int *arr = NULL
         cdef int i
         self._s = NULL
+        self._last_send_id = None
+        self._last_recv_id = None
         fds = list(fds)
         n = len(fds)
         if n < 1 or n > DWCP_MAX_STREAMS:
@@ -304,6 +310,12 @@ cdef class StreamSet:
             self._check_length(&o, view.len if length is None else length, view.len)
             self._enter("send")
             try:
+                if self._last_send_id is not None and o.transfer_id <= self._last_send_id:
+                    raise ConfigError(
+                        f"transfer_id {o.transfer_id} is not above the last one sent on this set "
+                        f"({self._last_send_id}); ids must grow per direction or late ACKs of the "
+                        f"earlier transfer could be taken for this one's")
+                self._last_send_id = o.transfer_id
                 with nogil:
                     rc = dwcp_send_transfer(self._s, view.buf, <uint64_t>view.len, &o, &out)
                 if rc != 0:
@@ -327,6 +339,12 @@ cdef class StreamSet:
             self._check_length(&o, length, view.len)
             self._enter("recv")
             try:
+                if self._last_recv_id is not None and o.transfer_id <= self._last_recv_id:
+                    raise ConfigError(
+                        f"transfer_id {o.transfer_id} is not above the last one received on this "
+                        f"set ({self._last_recv_id}); ids must grow per direction or late chunks of "
+                        f"the earlier transfer could be taken for this one's")
+                self._last_recv_id = o.transfer_id
                 with nogil:
                     rc = dwcp_recv_transfer(self._s, view.buf, <uint64_t>view.len, &o, &out)
                 if rc != 0:

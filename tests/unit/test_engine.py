@@ -627,6 +627,86 @@ def test_receiver_discards_the_rest_of_a_duplicate_in_the_next_call() -> None:
         s.close()
 
 
+def test_one_set_carries_both_directions(link_factory: Callable[[int], Link]) -> None:
+    # As Session does: the same pair of sets, transfers alternating direction. The late DONEs of a
+    # send are still in the sockets when the set starts receiving and must be dropped as stale.
+    link = link_factory(4)
+    for tid in range(1, 9):
+        fwd = tid % 2 == 1
+        tx, rx = (link.tx, link.rx) if fwd else (link.rx, link.tx)
+        size = 300_001 + tid
+        src = pattern(size, tid)
+        dst = np.zeros(size, dtype=np.uint8)
+        r = Background(lambda: rx.recv_into(dst, transfer_id=tid, length=size, chunk_bytes=16 * KiB,
+                                            csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        assert tx.send(src, transfer_id=tid, chunk_bytes=16 * KiB, csum_flags=FLAG_CSUM_XXH3,
+                       timeout_s=20) == size
+        assert r.result() == size
+        assert np.array_equal(src, dst)
+    assert link.tx.stats()["streams_failed"] == link.rx.stats()["streams_failed"] == 0
+
+
+def test_transfer_ids_must_grow_per_direction(link_factory: Callable[[int], Link]) -> None:
+    link = link_factory(1)
+    transfer(link, b"abc", bytearray(3), tid=5)
+    with pytest.raises(ConfigError, match="not above the last one sent"):
+        link.tx.send(b"abc", transfer_id=5, chunk_bytes=64, csum_flags=FLAG_CSUM_XXH3)
+    with pytest.raises(ConfigError, match="not above the last one received"):
+        link.rx.recv_into(bytearray(3), transfer_id=4, length=3, chunk_bytes=64, csum_flags=2)
+    # The other direction has its own sequence.
+    r = Background(lambda: link.tx.recv_into(bytearray(3), transfer_id=1, length=3, chunk_bytes=64,
+                                             csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+    assert link.rx.send(b"xyz", transfer_id=1, chunk_bytes=64, csum_flags=FLAG_CSUM_XXH3) == 3
+    assert r.result() == 3
+
+
+def test_carried_frame_goes_out_before_the_acks_of_a_receive() -> None:
+    # The set's last send ended with a frame half on the wire; its next call is a receive. The tail
+    # must precede the first ACK, or the peer would read the ACK as payload.
+    a, b = make_pairs(1)
+    chunk = 16 * MiB
+    src = bytes(pattern(2 * chunk, 6))
+    with StreamSet([a[0].fileno()]) as x:
+        tx = Background(lambda: x.send(src, transfer_id=1, chunk_bytes=chunk, csum_flags=FLAG_CSUM_XXH3,
+                                       timeout_s=20))
+        time.sleep(0.2)
+        b[0].sendall(_core.encode_header(FrameType.DONE, 0, 0, 0, 1, 2 * chunk, 0))
+        assert tx.result() == 2 * chunk
+        got = bytearray(100)
+        rx = Background(lambda: x.recv_into(got, transfer_id=1, length=100, chunk_bytes=4096,
+                                            csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        payload = bytes(range(100))
+        b[0].sendall(_data_frame(0, 1, 0, payload))
+        h = _core.decode_header(_read_exact(b[0], 48), chunk)
+        assert (h[1], h[5], h[6]) == (FrameType.DATA, 1, 0)
+        assert _read_exact(b[0], chunk) == src[:chunk]
+        assert _read_frame(b[0])[1::5] == (FrameType.ACK, 0)
+        assert _read_frame(b[0])[1] == FrameType.DONE
+        assert rx.result() == 100 and got == payload
+    for s in a + b:
+        s.close()
+
+
+def test_sender_drops_late_data_of_an_earlier_receive() -> None:
+    a, b = make_pairs(1)
+    with StreamSet([a[0].fileno()]) as x:
+        got = bytearray(100)
+        rx = Background(lambda: x.recv_into(got, transfer_id=7, length=100, chunk_bytes=4096,
+                                            csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        b[0].sendall(_data_frame(0, 7, 0, bytes(100)))
+        assert rx.result() == 100
+        assert _read_frame(b[0])[1] == FrameType.ACK and _read_frame(b[0])[1] == FrameType.DONE
+        tx = Background(lambda: x.send(b"hello", transfer_id=1, chunk_bytes=4096,
+                                       csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        # A late duplicate of receive 7 (with a payload bigger than the ACK batch), then the ACK.
+        b[0].sendall(_data_frame(0, 7, 0, bytes(20000)) +
+                     _core.encode_header(FrameType.ACK, 0, 0, 0, 1, 0, 0))
+        assert tx.result() == 5
+        assert x.alive() == [True]
+    for s in a + b:
+        s.close()
+
+
 def test_sender_rejects_bogus_acks() -> None:
     a, b = make_pairs(1)
     with StreamSet([a[0].fileno()]) as tx_set:

@@ -65,8 +65,10 @@ typedef struct dwcp_stats {
 
 /* fds: n connected TCP sockets (any blocking mode: the engine sets O_NONBLOCK and TCP_NODELAY, the
  * latter because ACK frames are small writes that Nagle would hold back behind unacknowledged data).
- * A stream set carries transfers in one direction: a receiver accepts only DATA/TRUNCATE frames, a
- * sender only ACK/NACK/DONE. Stream i sends and expects frames with stream index i.
+ * One set may carry transfers in both directions, one call at a time (Session does): transfer ids
+ * must grow per direction (DWCP_E_INVAL otherwise), and late frames of the other direction (ACK/DONE
+ * of an earlier send while receiving, DATA of an earlier receive while sending) are dropped as stale.
+ * Stream i sends and expects frames with stream index i.
  * Returns NULL on bad arguments, duplicate or non-pollable fds, or out of memory. */
 dwcp_streams *dwcp_streams_new(const int *fds, int n);
 void dwcp_streams_free(dwcp_streams *s);
