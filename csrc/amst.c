@@ -717,6 +717,8 @@ static int tx_frame(xfer *x, stream *t, const uint8_t *b)
         }
         return 0;
     }
+    if (f.type == DWCP_T_DATA || f.type == DWCP_T_TRUNCATE)
+        return 1; /* the peer's next transfer towards us: keep it for that receive call */
     if (f.type != DWCP_T_ACK && f.type != DWCP_T_NACK && f.type != DWCP_T_DONE)
         return DWCP_E_TYPE;
     if (f.length)
@@ -764,6 +766,8 @@ static int tx_frame(xfer *x, stream *t, const uint8_t *b)
 static void tx_read(xfer *x, stream *t)
 {
     uint8_t b[ACK_BATCH * DWCP_HEADER_BYTES];
+    if (t->rx_parked)
+        return;
     while (is_alive(t) && t->readable) {
         if (t->rx_mode != RX_HDR && t->rx_len - t->rx_got >= sizeof b) {
             /* Draining a stale payload: read it in big pieces, not ACK-batch-sized ones. */
@@ -791,7 +795,11 @@ static void tx_read(xfer *x, stream *t)
         size_t have = t->rx_mode == RX_HDR ? t->rx_hdr_got : 0;
         memcpy(b, t->rx_hdr, have);
         size_t want = sizeof b - have;
-        ssize_t n = recv(t->fd, b + have, want, MSG_DONTWAIT);
+        /* Peek, then consume only what was processed: once its receive call is complete the peer
+         * may start a transfer towards us on the same streams, and that DATA header and payload
+         * must stay in the socket for our next receive call. ACK batches are few (one per several
+         * chunks), so the second recv is cheap. */
+        ssize_t n = recv(t->fd, b + have, want, MSG_DONTWAIT | MSG_PEEK);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -806,9 +814,10 @@ static void tx_read(xfer *x, stream *t)
             stream_die(x, t, 0);
             return;
         }
-        progress(x, x->s, (size_t)n);
+        size_t old = have;
         have += (size_t)n;
         size_t off = 0;
+        int parked = 0, err = 0;
         while (off < have) {
             if (t->rx_mode != RX_HDR) {
                 uint64_t rem = t->rx_len - t->rx_got;
@@ -824,12 +833,41 @@ static void tx_read(xfer *x, stream *t)
             int rc = tx_frame(x, t, b + off);
             off += DWCP_HEADER_BYTES;
             if (rc < 0) {
-                stream_die(x, t, rc);
-                return;
+                err = rc;
+                break;
+            }
+            if (rc == 1) {
+                parked = 1;
+                break;
             }
         }
-        t->rx_hdr_got = have - off;
-        memcpy(t->rx_hdr, b + off, t->rx_hdr_got);
+        size_t used = parked || err ? off : have;
+        if (parked) {
+            memcpy(t->rx_hdr, b + off - DWCP_HEADER_BYTES, DWCP_HEADER_BYTES);
+            t->rx_hdr_got = DWCP_HEADER_BYTES;
+            t->rx_parked = 1;
+        } else if (!err) {
+            t->rx_hdr_got = have - off;
+            memcpy(t->rx_hdr, b + off, t->rx_hdr_got);
+        }
+        size_t consume = used - old;
+        while (consume) {
+            ssize_t r = recv(t->fd, x->s->scratch, consume, MSG_DONTWAIT);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0) {
+                stream_die(x, t, r < 0 ? errno : 0);
+                return;
+            }
+            progress(x, x->s, (size_t)r);
+            consume -= (size_t)r;
+        }
+        if (err) {
+            stream_die(x, t, err);
+            return;
+        }
+        if (parked)
+            return;
         if ((size_t)n < want && !t->hup)
             t->readable = 0;
     }

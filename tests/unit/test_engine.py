@@ -707,6 +707,30 @@ def test_sender_drops_late_data_of_an_earlier_receive() -> None:
         s.close()
 
 
+def test_sender_leaves_the_peers_next_transfer_in_the_socket() -> None:
+    # The peer finishes receiving and at once starts sending towards us on the same stream: its DATA
+    # arrives behind its ACK and DONE, possibly in the same read. The sender must stop there and
+    # leave header and payload for the receive call that follows.
+    a, b = make_pairs(1)
+    with StreamSet([a[0].fileno()]) as x:
+        tx = Background(lambda: x.send(b"ping" * 25, transfer_id=1, chunk_bytes=4096,
+                                       csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        _read_frame(b[0], max_payload=4096)
+        _read_exact(b[0], 100)
+        reply = bytes(pattern(3000, 8))
+        b[0].sendall(_core.encode_header(FrameType.ACK, 0, 0, 0, 1, 0, 0) +
+                     _core.encode_header(FrameType.DONE, 0, 0, 0, 1, 100, 0) +
+                     _data_frame(0, 2, 0, reply))
+        assert tx.result() == 100
+        got = bytearray(3000)
+        assert x.recv_into(got, transfer_id=2, length=3000, chunk_bytes=4096,
+                           csum_flags=FLAG_CSUM_XXH3, timeout_s=20) == 3000
+        assert got == reply
+        assert x.alive() == [True]
+    for s in a + b:
+        s.close()
+
+
 def test_sender_rejects_bogus_acks() -> None:
     a, b = make_pairs(1)
     with StreamSet([a[0].fileno()]) as tx_set:
