@@ -108,16 +108,21 @@ def status(name: str | None, as_json: bool) -> None:
 @click.argument("name", required=False)
 @click.option("--all", "all_", is_flag=True,
               help="Remove every link, every dwcp-* namespace and stray delay line (after a crash).")
-def down(name: str | None, all_: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="With --all: also links owned by a Python process that is still running.")
+def down(name: str | None, all_: bool, force: bool) -> None:
     """Take link NAME down (its delay line, namespaces and whatever runs in them)."""
     from dwcp import netlab as nl
     if bool(name) == all_:
         raise click.UsageError("give a link NAME or --all")
     try:
         if all_:
-            removed = nl.down_all()
+            removed = nl.down_all(force=force)
             click.echo(f"removed {len(removed['labs'])} link(s), {len(removed['namespaces'])} stray "
                        f"namespace(s), {len(removed['processes'])} stray delay line(s)")
+            if removed["kept"]:
+                click.echo(f"kept {', '.join(removed['kept'])}: owned by running processes "
+                           "(--force removes them too)")
         else:
             assert name is not None
             nl.down(name)

@@ -12,11 +12,11 @@ per-packet loss and optionally a replayed bandwidth trace. Needs root.
 
 See docs/netlab.md for parameters, the stats fields and the fidelity measured on this machine."""
 
-from ._cleanup import down, down_all
+from ._cleanup import down, down_all, leftovers
 from ._lab import Host, Lab, attach, link, up
 from ._params import DEFAULT_SUBNET, LinkParams, bdp_bytes, load_trace
 from ._state import list_labs
 from ._system import check_host, delayline_path
 
 __all__ = ["DEFAULT_SUBNET", "Host", "Lab", "LinkParams", "attach", "bdp_bytes", "check_host",
-           "delayline_path", "down", "down_all", "link", "list_labs", "load_trace", "up"]
+           "delayline_path", "down", "down_all", "leftovers", "link", "list_labs", "load_trace", "up"]

@@ -26,7 +26,7 @@ STATS_INTERVAL_MS = 100
 READY_TIMEOUT_S = 5.0
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -42,7 +42,7 @@ def is_delayline(pid: int, ns: str | None = None) -> bool:
         return False
     if not os.path.basename(exe).startswith(BINARY_NAME):  # "(deleted)" suffix after a rebuild
         return False
-    argv = _cmdline(pid)
+    argv = cmdline(pid)
     if len(argv) < 2 or argv[1] != "run":
         return False
     return ns is None or ns_path(ns) in argv
@@ -53,7 +53,7 @@ def stray_delaylines(prefix: str = "dwcp-") -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and is_delayline(int(entry)):
-            if any(a.startswith(ns_path(prefix)) for a in _cmdline(int(entry))):
+            if any(a.startswith(ns_path(prefix)) for a in cmdline(int(entry))):
                 pids.append(int(entry))
     return pids
 

@@ -155,7 +155,9 @@ def up(name: str, *, rtt_ms: float, rate_mbit: float, loss: float = 0.0, queue_b
     ns_a, ns_b = _namespaces(name)
     state: dict[str, Any] = {"name": name, "params": params.to_dict(), "namespaces": [ns_a, ns_b],
                              "iface": IFACE, "pid": None, "persistent": persistent,
-                             "owner_pid": None if persistent else os.getpid(), "created": time.time()}
+                             "owner_pid": None if persistent else os.getpid(),
+                             "owner_start": None if persistent else _state.process_start(os.getpid()),
+                             "created": time.time()}
     emulator = None
     try:
         _state.write_state(name, state)

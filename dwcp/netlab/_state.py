@@ -7,12 +7,42 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from dwcp.errors import ConfigError
 
 STATE_ROOT = Path(os.environ.get("DWCP_NETLAB_STATE", "/run/dwcp-netlab"))
+
+
+def process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot), which tells it apart from a later process
+    that reuses its PID; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def owner_alive(state: dict[str, Any]) -> bool:
+    """True if the lab belongs to a Python process (netlab.link) that is still running. Labs made by
+    `dwcp netlab up` have no owner: they live until taken down."""
+    if not state:
+        return False
+    pid, start = state.get("owner_pid"), state.get("owner_start")
+    return pid is not None and start is not None and process_start(int(pid)) == start
+
+
+def being_created(name: str, grace_s: float = 10.0) -> bool:
+    """A lab directory without state.json for a few seconds is a lab being set up right now
+    (claim() and the first write_state() are a moment apart), not a leftover."""
+    d = lab_dir(name)
+    try:
+        return not (d / "state.json").exists() and time.time() - d.stat().st_mtime < grace_s
+    except OSError:
+        return False
 
 
 def lab_dir(name: str) -> Path:

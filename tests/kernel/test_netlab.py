@@ -270,18 +270,36 @@ def test_down_all_cleans_a_crashed_run(netlab_ready: None) -> None:
     assert f"dwcp-{name}-a" in netns_names() and Path(f"/proc/{pid}/exe").exists()
     r = subprocess.run([*CLI, "down", "--all"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert not [n for n in netns_names() if n.startswith("dwcp-")]
+    assert not [n for n in netns_names() if n.startswith(f"dwcp-{name}-")]
     time.sleep(0.1)
     assert not Path(f"/proc/{pid}/exe").exists()
     assert not (Path("/run/dwcp-netlab") / name).exists()
 
 
 @kernel
+def test_down_all_keeps_labs_of_running_processes(wan_link: Any) -> None:
+    from dwcp import netlab
+    lab = wan_link(rtt_ms=5, rate_mbit=10)              # owned by this (running) process
+    removed = netlab.down_all()
+    assert lab.name in removed["kept"] and lab.a.ns in netns_names() and lab.emulator.alive()
+    assert len(ping_rtts(lab.a, lab.b.addr, count=1)) == 1
+
+
+@kernel
 def test_nothing_is_left_behind(netlab_ready: None) -> None:
-    """Runs last in this file: every lab above was torn down."""
-    from dwcp.netlab._emulator import stray_delaylines
-    assert not [n for n in netns_names() if n.startswith("dwcp-")]
-    assert stray_delaylines() == []
+    """Runs last in this file: every lab above was torn down, and nothing is left over (namespaces,
+    delay lines, state) - other than labs that running processes still use, e.g. a parallel run."""
+    from dwcp import netlab
+    assert netlab.leftovers() == {"labs": [], "processes": [], "namespaces": []}
+    mine = [n for n in netlab.list_labs() if json.loads((Path("/run/dwcp-netlab") / n / "state.json")
+                                                        .read_text()).get("owner_pid") == os.getpid()]
+    assert mine == []
+    listed = [n for n in netns_names() if n.startswith("dwcp-")]
+    in_use: set[str] = set()
+    for n in netlab.list_labs():
+        other = netlab.attach(n)
+        in_use |= {other.a.ns, other.b.ns}
+    assert set(listed) <= in_use                        # `ip netns list` agrees
 
 
 def test_capability_error_names_the_missing_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
