@@ -47,6 +47,11 @@ class Host:
         """subprocess.Popen(cmd, **kwargs) inside this host; its PID is the command's own."""
         return subprocess.Popen(self.argv(cmd), **kwargs)
 
+    def set_sysctls(self, values: dict[str, str]) -> None:
+        """Write sysctls inside this host, e.g. {"net.ipv4.tcp_rmem": "4096 131072 262144"} to cap
+        every receive window at 256 KiB."""
+        set_sysctls(self.ns, values)
+
     def __repr__(self) -> str:
         return f"Host({self.role!r}, ns={self.ns!r}, addr={self.addr!r})"
 
