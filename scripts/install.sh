@@ -12,6 +12,7 @@ APT_PACKAGES=(
   iperf3 iperf                                           # peers in bench/throughput
   procps iproute2                                        # ps/ss/ip used by tests that cross-check us
   iputils-ping                                           # netlab tests/bench measure RTT with ping
+  globus-gridftp-server-progs globus-gass-copy-progs     # GridFTP, a peer in bench/wan
 )
 
 missing=()
