@@ -698,9 +698,12 @@ def test_sender_drops_late_data_of_an_earlier_receive() -> None:
         assert _read_frame(b[0])[1] == FrameType.ACK and _read_frame(b[0])[1] == FrameType.DONE
         tx = Background(lambda: x.send(b"hello", transfer_id=1, chunk_bytes=4096,
                                        csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
-        # A late duplicate of receive 7 (with a payload bigger than the ACK batch), then the ACK.
-        b[0].sendall(_data_frame(0, 7, 0, bytes(20000)) +
-                     _core.encode_header(FrameType.ACK, 0, 0, 0, 1, 0, 0))
+        # A late duplicate of receive 7 (with a payload bigger than the ACK batch), then -- once the
+        # chunk was really sent, as a real peer would -- the ACK.
+        b[0].sendall(_data_frame(0, 7, 0, bytes(20000)))
+        assert _read_frame(b[0], max_payload=4096)[1] == FrameType.DATA
+        assert _read_exact(b[0], 5) == b"hello"
+        b[0].sendall(_core.encode_header(FrameType.ACK, 0, 0, 0, 1, 0, 0))
         assert tx.result() == 5
         assert x.alive() == [True]
     for s in a + b:

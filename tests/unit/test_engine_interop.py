@@ -324,17 +324,11 @@ def test_receiver_asks_again_for_a_chunk_whose_writer_died(net: Net, kind: str) 
     assert receiver.result() == 2000 and dest == data
 
 
-C_ONE_DIRECTION = pytest.mark.xfail(
-    reason="the C engine rejects a late ACK/DONE of its own earlier send as E_TYPE when it receives "
-           "on the same stream set (amst.h: 'a stream set carries transfers in one direction'), but "
-           "Session uses one set for both directions; reported", strict=False)
-
-
 @pytest.mark.parametrize("kinds", [
     pytest.param(("py", "py"), id="py_py"),
-    pytest.param(("c", "py"), id="c_py", marks=C_ONE_DIRECTION),
-    pytest.param(("py", "c"), id="py_c", marks=C_ONE_DIRECTION),
-    pytest.param(("c", "c"), id="c_c", marks=C_ONE_DIRECTION),
+    pytest.param(("c", "py"), id="c_py"),
+    pytest.param(("py", "c"), id="py_c"),
+    pytest.param(("c", "c"), id="c_c"),
 ])
 def test_one_stream_set_carries_both_directions(net: Net, kinds: tuple[str, str]) -> None:
     """As Session does: one set per side, transfers alternating direction, ids growing across both
