@@ -25,7 +25,7 @@ bench: build
 
 debug:
 	$(call build_mode,debug,DWCP_DEBUG=1)
-	DWCP_DEBUG=1 $(PY) -m pytest tests/unit -q
+	DWCP_DEBUG=1 $(PY) -m pytest tests/unit tests/e2e -q
 
 # ASan/UBSan build of the C core and the suite run under it. LD_PRELOAD because the interpreter itself
 # is not built with ASan; leak checking is off because CPython's own allocations would drown ours.

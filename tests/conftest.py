@@ -45,6 +45,26 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_sep("!", f"{len(skipped)} test(s) SKIPPED - see reasons above", yellow=True)
 
 
+@pytest.fixture(autouse=True)
+def balanced_counters() -> Iterator[None]:
+    """Debug builds (make debug): every stream set freed, every zero-copy completion reaped, no
+    carried frame left once a test and its fixtures are done (uvloop-style resource accounting)."""
+    try:
+        from dwcp import _core
+    except ImportError:
+        yield
+        return
+    if not _core.features()["debug_counters"]:
+        yield
+        return
+    import gc
+    before = _core.debug_counters()
+    yield
+    gc.collect()
+    after = _core.debug_counters()
+    assert after == before, f"engine resources leaked by this test: before {before}, after {after}"
+
+
 @pytest.fixture(params=["c", "python"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Run a test against the C engine and the pure-Python engine."""
