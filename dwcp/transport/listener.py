@@ -157,13 +157,28 @@ class Listener:
             self._handlers.release()
 
     def _new_session(self, conn: socket.socket, hello: Any, peer: tuple[str, int]) -> None:
-        params = server_handshake(conn, hello, key=self._key, insecure=self._insecure, policy=self._policy,
-                                  timeout_s=self._handshake_timeout_s)
-        pending = _Pending(params=params, control=conn, peer=peer,
-                           deadline=time.monotonic() + self._handshake_timeout_s,
-                           streams=[None] * params.streams)
-        with self._lock:
-            self._pending[params.session_id] = pending
+        registered: list[_Pending] = []
+
+        def register(params: SessionParams) -> None:
+            # Before WELCOME, not after: the client sends its JOINs the moment WELCOME arrives, and a
+            # JOIN handled before the session is registered would be refused as "unknown session".
+            pending = _Pending(params=params, control=conn, peer=peer,
+                               deadline=time.monotonic() + self._handshake_timeout_s,
+                               streams=[None] * params.streams)
+            with self._lock:
+                self._pending[params.session_id] = pending
+            registered.append(pending)
+
+        try:
+            server_handshake(conn, hello, key=self._key, insecure=self._insecure, policy=self._policy,
+                             timeout_s=self._handshake_timeout_s, before_welcome=register)
+        except BaseException:
+            for p in registered:  # WELCOME failed: the session never started
+                with self._lock:
+                    if self._pending.get(p.params.session_id) is p:
+                        del self._pending[p.params.session_id]
+                _close_all(list(p.streams))
+            raise
 
     def _join(self, conn: socket.socket, payload: bytes) -> None:
         req = parse_join(payload)
@@ -171,14 +186,23 @@ class Listener:
             pending = self._pending.get(req.session_id)
             if pending is None:
                 raise AuthError("JOIN for an unknown or expired session")
-            verify_join(pending.params, req)
+            verify_join(pending.params, req)  # claims the index: a second JOIN for it is refused
             if req.stream_index >= len(pending.streams) or pending.streams[req.stream_index] is not None:
                 raise AuthError(f"stream index {req.stream_index} already joined or out of range")
+        # JOINED goes out before the stream is added to the session, never after: the last stream to
+        # join creates the Session, whose engine takes the sockets over (the Python engine makes them
+        # non-blocking). A JOINED still being written by this thread at that moment would end with
+        # write_frame restoring the socket's old blocking mode under the engine, whose next recv on
+        # it then blocks the whole transfer loop; and a server that sends first could put DATA
+        # ahead of JOINED. So this thread is done with the socket before it becomes a member.
+        send_joined(conn, req.stream_index)
+        with self._lock:
+            if self._pending.get(req.session_id) is not pending:
+                raise AuthError("session expired while its data stream joined")
             pending.streams[req.stream_index] = conn
             complete = all(s is not None for s in pending.streams)
             if complete:
                 del self._pending[req.session_id]
-        send_joined(conn, req.stream_index)
         if complete:
             streams = [s for s in pending.streams if s is not None]
             try:

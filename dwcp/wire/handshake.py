@@ -26,6 +26,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dwcp.errors import AuthError, ConfigError, DWCPError, PeerClosedError, ProtocolError
@@ -254,8 +255,13 @@ def _check_challenge(key: bytes | None, offer: Offer, hello_payload: bytes, ch: 
 
 
 def server_handshake(sock: socket.socket, hello: tuple[Header, bytes], *, key: bytes | None,
-                     insecure: bool, policy: ServerPolicy, timeout_s: float) -> SessionParams:
+                     insecure: bool, policy: ServerPolicy, timeout_s: float,
+                     before_welcome: Callable[[SessionParams], None] | None = None) -> SessionParams:
     """Run the server side after the listener read the first frame (``hello``) to route the connection.
+
+    ``before_welcome(params)`` runs once the client is authenticated, just before WELCOME hands it the
+    session id: the client opens its data streams as soon as WELCOME arrives, so a listener must
+    know the session by then (it registers it here) or their JOINs would name an unknown session.
 
     Raises ConfigError (this side misconfigured; nothing is sent), AuthError (the client has no or the
     wrong key, or replayed a handshake; the client was sent ERROR "authentication failed"),
@@ -265,14 +271,15 @@ def server_handshake(sock: socket.socket, hello: tuple[Header, bytes], *, key: b
         k = auth.resolve_key(key, insecure)
         validate_policy(policy)
         deadline = _deadline(timeout_s)
-        return _server(sock, hello, k, policy, deadline)
+        return _server(sock, hello, k, policy, deadline, before_welcome)
     except BaseException:
         _close(sock)
         raise
 
 
 def _server(sock: socket.socket, first: tuple[Header, bytes], key: bytes | None,
-            policy: ServerPolicy, deadline: float) -> SessionParams:
+            policy: ServerPolicy, deadline: float,
+            before_welcome: Callable[[SessionParams], None] | None) -> SessionParams:
     h, hello_payload = first
     try:
         _expect(h, FrameType.HELLO)
@@ -332,11 +339,14 @@ def _server(sock: socket.socket, first: tuple[Header, bytes], key: bytes | None,
     session_key = auth.derive_session_key(key, hello.nonce, ch.nonce, transcript)
     welcome = m.Welcome(session_id=session_id,
                         mac=auth.welcome_mac(session_key, transcript, session_id))
+    params = SessionParams(version=choice.version, streams=choice.streams,
+                           chunk_bytes=choice.chunk_bytes, checksum=choice.checksum,
+                           features=choice.features, session_id=session_id,
+                           session_key=session_key, insecure=key is None)
+    if before_welcome is not None:
+        before_welcome(params)
     _send(sock, FrameType.WELCOME, m.encode_welcome(welcome), deadline)
-    return SessionParams(version=choice.version, streams=choice.streams,
-                         chunk_bytes=choice.chunk_bytes, checksum=choice.checksum,
-                         features=choice.features, session_id=session_id,
-                         session_key=session_key, insecure=key is None)
+    return params
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,6 +66,76 @@ def test_python_engine_many_streams(session_pair: Any) -> None:
     assert transfer(pair, data) == data
 
 
+def test_joined_is_written_before_the_server_engine_takes_the_stream(
+        session_pair: Any, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the server's last data stream to join creates the Session (the Python engine then
+    makes every socket non-blocking) while another stream's handler thread may still be inside
+    write_frame(JOINED), whose deadline handling ends by restoring the socket's earlier (blocking)
+    mode. The engine's next recv on that socket then blocked its loop: the receiver held the ACK of
+    the first chunk and both sides failed with "no byte moved" (about 1 session in 200). Here the
+    first JOINED's restore is held back until the other streams have joined, so that interleaving
+    happens every time if JOINED can still be in flight when the Session is built."""
+    import threading
+
+    from dwcp.transport import listener as listener_mod
+    from dwcp.wire import io as wire_io
+
+    real_send_joined = listener_mod.send_joined
+    real_restore = wire_io._Deadline.restore
+    tls = threading.local()
+    first = threading.Lock()
+    restored = threading.Event()
+
+    def send_joined(sock: socket.socket, stream_index: int, **kw: Any) -> None:
+        tls.hold = first.acquire(blocking=False)  # only the first JOINED of the session
+        try:
+            real_send_joined(sock, stream_index, **kw)
+        finally:
+            if tls.hold:
+                restored.set()
+            tls.hold = False
+
+    def restore(self: Any) -> None:
+        if getattr(tls, "hold", False):
+            time.sleep(0.5)  # the other streams join meanwhile (milliseconds on loopback)
+        real_restore(self)
+
+    monkeypatch.setattr(listener_mod, "send_joined", send_joined)
+    monkeypatch.setattr(wire_io._Deadline, "restore", restore)
+    pair = session_pair(streams=4, backend=backend, chunk_bytes=CHUNK, timeout_s=5)
+    assert restored.wait(10)
+    if backend == "python":
+        assert [s.gettimeout() for s in pair.server._data] == [0.0] * 4
+    data = pattern(8 * CHUNK + 3)
+    assert transfer(pair, data) == data
+    t, box = run_in_thread(pair.client.recv)
+    pair.server.send(data)
+    t.join(30)
+    assert box.get("result") == data, box
+
+
+def test_session_is_registered_before_welcome(session_pair: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the listener registered a new session only after server_handshake() returned,
+    i.e. after WELCOME had gone out; the client joins its streams as soon as WELCOME arrives, so a
+    JOIN handled in between was refused as "unknown or expired session" (about 1 connect in 1000).
+    Here the control connection's handler is held back after the handshake, so such JOINs come first
+    every time."""
+    from dwcp.transport import listener as listener_mod
+
+    real = listener_mod.server_handshake
+
+    def slow_server_handshake(*args: Any, **kw: Any) -> Any:
+        params = real(*args, **kw)
+        time.sleep(0.3)
+        return params
+
+    monkeypatch.setattr(listener_mod, "server_handshake", slow_server_handshake)
+    pair = session_pair(streams=4, backend="python", chunk_bytes=CHUNK, timeout_s=5)
+    assert pair.listener.failed_handshakes == 0
+    assert transfer(pair, b"x") == b"x"
+
+
 def test_numpy_and_memoryview_buffers(session_pair: Any, backend: str) -> None:
     pair = session_pair(streams=4, backend=backend, chunk_bytes=CHUNK)
     arr = np.arange(300_001, dtype=np.float64)
