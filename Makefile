@@ -6,16 +6,8 @@ ASAN_LIBS = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-nam
 
 all: build
 
-# The in-place extension is built in one of three modes (release, debug, sanitize); switching modes
-# forces a full rebuild, since setuptools cannot tell that only the flags changed.
-define build_mode
-	@if [ "$$(cat .build-mode 2>/dev/null)" != "$(1)" ]; then rm -rf build dwcp/_core*.so dwcp/_core.c; fi
-	$(2) ./scripts/install.sh
-	@echo $(1) > .build-mode
-endef
-
 build:
-	$(call build_mode,release,)
+	./scripts/install.sh
 
 test: build
 	./scripts/test
@@ -24,13 +16,13 @@ bench: build
 	$(PY) bench/throughput
 
 debug:
-	$(call build_mode,debug,DWCP_DEBUG=1)
+	DWCP_DEBUG=1 ./scripts/install.sh
 	DWCP_DEBUG=1 $(PY) -m pytest tests/unit tests/e2e -q
 
 # ASan/UBSan build of the C core and the suite run under it. LD_PRELOAD because the interpreter itself
 # is not built with ASan; leak checking is off because CPython's own allocations would drown ours.
 sanitize:
-	$(call build_mode,sanitize,DWCP_SANITIZE=1)
+	DWCP_SANITIZE=1 ./scripts/install.sh
 	LD_PRELOAD=$(ASAN_LIBS) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		$(PY) -m pytest tests -q -p no:cacheprovider
 
@@ -38,5 +30,5 @@ mypy: build
 	$(PY) -m mypy
 
 clean:
-	rm -rf build dist *.egg-info dwcp/_core*.so dwcp/_core.c .build-mode .pytest_cache .hypothesis
+	rm -rf build dist *.egg-info dwcp/_core*.so dwcp/_core.c dwcp/netlab/dwcp-delayline .build-mode .pytest_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -47,5 +47,15 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
-# Incremental in-place build of the compiled core (a no-op when nothing changed).
+# Incremental in-place build of the compiled core (a no-op when nothing changed). The tree holds one
+# build mode at a time (release, debug, sanitize); switching modes rebuilds everything, since
+# setuptools cannot tell that only the flags changed -- and a sanitizer build left in place would
+# make every later plain run fail to load the extension.
+mode=release
+[[ ${DWCP_DEBUG:-} == 1 ]] && mode=debug
+[[ ${DWCP_SANITIZE:-} == 1 ]] && mode=sanitize
+if [[ $(cat .build-mode 2>/dev/null || echo none) != "$mode" ]]; then
+  rm -rf build dwcp/_core*.so dwcp/_core.c dwcp/netlab/dwcp-delayline
+fi
 .venv/bin/python setup.py -q build_ext --inplace
+echo "$mode" > .build-mode
