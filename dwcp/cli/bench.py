@@ -31,7 +31,7 @@ from dwcp.transport.session import Session
 from dwcp.wire.messages import XferKind
 
 DEFAULT_PORT = 5301
-DEFAULT_BUFFER_BYTES = 4 << 20  # cache-resident, like iperf's 128 KiB per-stream buffers
+DEFAULT_BUFFER_BYTES = 1 << 20  # cache-resident, like iperf's 128 KiB per-stream buffers
 
 
 def _cpu_s() -> float:
