@@ -122,17 +122,33 @@ class Session:
     def close(self) -> None:
         """Close the session (idempotent). A transfer running in another thread fails with
         SessionClosedError."""
-        if self._closed:
-            return
+        if not self._closed:
+            self._shut(encode_frame(FrameType.CLOSE), wait_for_transfer=True)
+
+    def _fail(self, exc: DWCPError) -> DWCPError:
+        """Close after a failed transfer (streams may be mid-frame) and return the error to raise.
+        Called from inside the transfer that failed, so it must not wait for the transfer lock."""
+        log.warning("session with %s:%s failed: %s", self.peer[0], self.peer[1], exc)
+        if not self._closed:
+            self._shut(encode_frame(FrameType.ABORT, messages.encode_abort(messages.Abort(str(exc)))),
+                       wait_for_transfer=False)
+        return exc
+
+    def _shut(self, farewell: bytes, *, wait_for_transfer: bool) -> None:
+        """Interrupt the engine, tell the peer (best effort: it may be gone), free everything."""
         self._closed = True
         self._engine.interrupt()
         if not self._peer_closed:
             try:
                 self._control.settimeout(1.0)
-                write_frame(self._control, encode_frame(FrameType.CLOSE))
+                write_frame(self._control, farewell)
             except (OSError, DWCPError):
-                pass  # the peer may already be gone; closing is best effort
-        with self._lock:  # wait for a running transfer to notice the interrupt
+                pass
+        if wait_for_transfer:
+            with self._lock:  # a transfer in another thread notices the interrupt and returns
+                self._last_stats = self._engine.stats()
+                self._engine.close()
+        else:
             self._last_stats = self._engine.stats()
             self._engine.close()
         for s in [self._control, *self._data]:
@@ -140,28 +156,6 @@ class Session:
                 s.close()
             except OSError:
                 pass
-
-    def _fail(self, exc: DWCPError) -> DWCPError:
-        """Close after a failed transfer (streams may be mid-frame) and return the error to raise."""
-        log.warning("session with %s:%s failed: %s", self.peer[0], self.peer[1], exc)
-        if not self._closed:
-            self._closed = True
-            self._engine.interrupt()
-            self._last_stats = self._engine.stats()
-            if not self._peer_closed:
-                try:
-                    self._control.settimeout(1.0)
-                    write_frame(self._control, encode_frame(
-                        FrameType.ABORT, messages.encode_abort(messages.Abort(str(exc)))))
-                except (OSError, DWCPError):
-                    pass
-            self._engine.close()
-            for s in [self._control, *self._data]:
-                try:
-                    s.close()
-                except OSError:
-                    pass
-        return exc
 
     def _check_open(self) -> None:
         if self._closed:
