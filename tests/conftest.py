@@ -121,6 +121,33 @@ def session_pair() -> Iterator[Any]:
         p.close()
 
 
+class Background:
+    """Run fn(*args, **kwargs) in a thread; result() re-raises its exception or returns its value, and
+    fails if the thread is still running after hang_s (a hang, not a slow machine)."""
+
+    hang_s = 60.0
+
+    def __init__(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self.box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                self.box["result"] = fn(*args, **kwargs)
+            except BaseException as e:  # re-raised by result()
+                self.box["error"] = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float | None = None) -> Any:
+        timeout = self.hang_s if timeout is None else timeout
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"background call still running after {timeout} s (hang)"
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box["result"]
+
+
 def run_in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
     """Start fn in a thread; the dict gets 'result' or 'error' when it ends."""
     box: dict[str, Any] = {}

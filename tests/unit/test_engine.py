@@ -6,7 +6,6 @@ play one side by hand with encode_header/decode_header to check the engine's rea
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from dwcp._core import FLAG_CSUM_CRC32C, FLAG_CSUM_XXH3, StreamSet
 from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferTimeout, TransportError)
 from dwcp.wire.frames import FrameType
+from tests.conftest import Background
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -68,30 +68,6 @@ def link_factory() -> Iterator[Callable[[int], Link]]:
     yield make
     for link in links:
         link.close()
-
-
-class Background:
-    """Run fn in a thread; result() re-raises its exception."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self.value = fn()
-            except BaseException as e:  # re-raised in result()
-                self.error = e
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def result(self, timeout: float = 60.0) -> Any:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "background transfer hung"
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 def pattern(size: int, seed: int = 1) -> np.ndarray:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ import pytest
 from dwcp.transport.pyengine import PyStreamSet
 from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
                               encode_header, payload_checksum)
+from tests.conftest import Background
 
 try:
     from dwcp import _core
@@ -91,27 +91,8 @@ def net(core: Any) -> Iterator[Net]:
     n.close()
 
 
-class Bg:
-    """Run fn in a thread; result() re-raises its exception or returns its value."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                self.box["result"] = fn(*args, **kwargs)
-            except BaseException as e:  # re-raised by result()
-                self.box["error"] = e
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-
-    def result(self, timeout: float = HANG_S) -> Any:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"background call still running after {timeout} s (hang)"
-        if "error" in self.box:
-            raise self.box["error"]
-        return self.box["result"]
+class Bg(Background):
+    hang_s = HANG_S
 
 
 def transfer(tx: Any, rx: Any, data: Any, dest: Any, *, length: int | None = None,

@@ -14,9 +14,8 @@ import select
 import shutil
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClo
 from dwcp.transport.pyengine import PyStreamSet
 from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
                               encode_header, payload_checksum)
+from tests.conftest import Background
 
 XXH3 = int(Flag.CSUM_XXH3)
 CRC32C = int(Flag.CSUM_CRC32C)
@@ -78,27 +78,8 @@ def pairs() -> Iterator[Pairs]:
     p.close()
 
 
-class Bg:
-    """Run fn in a thread; result() re-raises its exception or returns its value."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                self.box["result"] = fn(*args, **kwargs)
-            except BaseException as e:  # re-raised by result()
-                self.box["error"] = e
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-
-    def result(self, timeout: float = HANG_S) -> Any:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"background call still running after {timeout} s (hang)"
-        if "error" in self.box:
-            raise self.box["error"]
-        return self.box["result"]
+class Bg(Background):
+    hang_s = HANG_S
 
 
 def transfer(tx: PyStreamSet, rx: PyStreamSet, data: Any, dest: Any, *, length: int | None = None,
