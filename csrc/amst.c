@@ -315,6 +315,25 @@ static int would_block(int e)
     return e == EAGAIN || e == EWOULDBLOCK;
 }
 
+enum { RECV_GOT, RECV_RETRY, RECV_STOP };
+
+/* What a non-blocking recv()/recvmsg() result means for stream t: bytes arrived (RECV_GOT), try again
+ * (EINTR), or stop reading now -- the socket is drained (t->readable cleared) or the stream died (EOF
+ * or an error; stream_die has run). One place, so every read path treats EOF and errors alike. */
+static int recv_result(xfer *x, stream *t, ssize_t n)
+{
+    if (n > 0)
+        return RECV_GOT;
+    if (n < 0 && errno == EINTR)
+        return RECV_RETRY;
+    if (n < 0 && would_block(errno)) {
+        t->readable = 0;
+        return RECV_STOP;
+    }
+    stream_die(x, t, n < 0 ? errno : 0);
+    return RECV_STOP;
+}
+
 static int flush_ctl(xfer *x, stream *t)
 {
     while (ctl_pending(t) && t->writable) {
@@ -774,16 +793,11 @@ static void tx_read(xfer *x, stream *t)
             uint64_t rem = t->rx_len - t->rx_got;
             size_t want = rem < SCRATCH_BYTES ? (size_t)rem : SCRATCH_BYTES;
             ssize_t n = recv(t->fd, x->s->scratch, want, MSG_DONTWAIT);
-            if (n <= 0) {
-                if (n < 0 && errno == EINTR)
-                    continue;
-                if (n < 0 && would_block(errno)) {
-                    t->readable = 0;
-                    return;
-                }
-                stream_die(x, t, n < 0 ? errno : 0);
+            int outcome = recv_result(x, t, n);
+            if (outcome == RECV_RETRY)
+                continue;
+            if (outcome == RECV_STOP)
                 return;
-            }
             progress(x, x->s, (size_t)n);
             t->rx_got += (uint64_t)n;
             if (t->rx_got == t->rx_len)
@@ -800,20 +814,11 @@ static void tx_read(xfer *x, stream *t)
          * must stay in the socket for our next receive call. ACK batches are few (one per several
          * chunks), so the second recv is cheap. */
         ssize_t n = recv(t->fd, b + have, want, MSG_DONTWAIT | MSG_PEEK);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (would_block(errno)) {
-                t->readable = 0;
-                return;
-            }
-            stream_die(x, t, errno);
+        int outcome = recv_result(x, t, n);
+        if (outcome == RECV_RETRY)
+            continue;
+        if (outcome == RECV_STOP)
             return;
-        }
-        if (n == 0) {
-            stream_die(x, t, 0);
-            return;
-        }
         size_t old = have;
         have += (size_t)n;
         size_t off = 0;
@@ -1072,20 +1077,11 @@ static void rx_read(xfer *x, stream *t)
         msg.msg_iov = iov;
         msg.msg_iovlen = (size_t)niov;
         ssize_t n = recvmsg(t->fd, &msg, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (would_block(errno)) {
-                t->readable = 0;
-                return;
-            }
-            stream_die(x, t, errno);
+        int outcome = recv_result(x, t, n);
+        if (outcome == RECV_RETRY)
+            continue;
+        if (outcome == RECV_STOP)
             return;
-        }
-        if (n == 0) {
-            stream_die(x, t, 0);
-            return;
-        }
         progress(x, s, (size_t)n);
         budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
         if (t->rx_mode == RX_HDR) {
