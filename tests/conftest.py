@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -119,6 +120,22 @@ def session_pair() -> Iterator[Any]:
     yield make
     for p in pairs:
         p.close()
+
+
+def tcp_pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    """n connected loopback TCP pairs: (connecting-side sockets, accepting-side sockets)."""
+    ls = socket.create_server(("127.0.0.1", 0), backlog=min(n, 1024))
+    a: list[socket.socket] = []
+    b: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            c = socket.create_connection(ls.getsockname())
+            s, _ = ls.accept()
+            a.append(c)
+            b.append(s)
+    finally:
+        ls.close()
+    return a, b
 
 
 class Background:

@@ -18,34 +18,18 @@ from dwcp._core import FLAG_CSUM_CRC32C, FLAG_CSUM_XXH3, StreamSet
 from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferTimeout, TransportError)
 from dwcp.wire.frames import FrameType
-from tests.conftest import Background
+from tests.conftest import Background, tcp_pairs
 
 KiB = 1 << 10
 MiB = 1 << 20
 E_TYPE, E_HEADER_CRC, E_LENGTH, E_RANGE, E_STREAM = -3, -6, -7, -8, -9
 
 
-def make_pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
-    """n connected loopback TCP pairs: (sender-side sockets, receiver-side sockets)."""
-    ls = socket.create_server(("127.0.0.1", 0), backlog=min(n, 1024))
-    a: list[socket.socket] = []
-    b: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            c = socket.create_connection(ls.getsockname())
-            s, _ = ls.accept()
-            a.append(c)
-            b.append(s)
-    finally:
-        ls.close()
-    return a, b
-
-
 class Link:
     """n loopback pairs with a StreamSet on each side."""
 
     def __init__(self, n: int) -> None:
-        self.a, self.b = make_pairs(n)
+        self.a, self.b = tcp_pairs(n)
         self.tx = StreamSet([s.fileno() for s in self.a])
         self.rx = StreamSet([s.fileno() for s in self.b])
 
@@ -406,7 +390,7 @@ def _data_frame(stream: int, tid: int, offset: int, payload: bytes, *, csum: int
 
 
 def test_corrupted_payload_is_nacked_then_accepted() -> None:
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     chunk = 4096
     payload = bytes(pattern(2 * chunk))
     dst = bytearray(2 * chunk)
@@ -452,7 +436,7 @@ def _bad_crc(frame: bytes) -> bytes:
 ])
 def test_bad_frame_is_protocol_error_and_writes_nothing(name: str, make: Callable[[bytes], bytes],
                                                         code: int) -> None:
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     chunk = 4096
     payload = bytes(pattern(3 * chunk))
     dst = bytearray(3 * chunk)
@@ -477,7 +461,7 @@ def test_bad_frame_is_protocol_error_and_writes_nothing(name: str, make: Callabl
 def test_next_transfer_frame_waits_for_the_next_call() -> None:
     # The sender starts transfer n+1 as soon as it holds every ACK of n, while the receiver may still
     # be flushing DONE: a frame of n+1 must be kept for the next call, not rejected or dropped.
-    a, b = make_pairs(2)
+    a, b = tcp_pairs(2)
     chunk = 4096
     p1, p2 = bytes(pattern(2 * chunk, 1)), bytes(pattern(chunk, 2))
     d1, d2 = bytearray(2 * chunk), bytearray(chunk)
@@ -500,7 +484,7 @@ def test_receiver_asks_again_for_a_chunk_whose_writer_died() -> None:
     # Chunk 0 is being written from stream 0 when a re-sent copy arrives on stream 1 and is dropped
     # (another live stream writes it); then stream 0 dies mid-payload. The sender counts the dropped
     # copy as outstanding on a live stream, so only a NACK from the receiver gets it sent again.
-    a, b = make_pairs(2)
+    a, b = tcp_pairs(2)
     chunk = 1000
     data = bytes(pattern(2 * chunk))
     dst = bytearray(2 * chunk)
@@ -536,7 +520,7 @@ def test_sender_carries_a_cut_off_frame_into_the_next_call() -> None:
     # DONE arrives while a big frame is still half in the socket: send() returns, the caller may
     # scribble over its buffer, and the rest of that frame goes out (from a private copy) at the
     # start of the next call, so the byte stream stays framed.
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     chunk = 16 * MiB
     src = bytearray(pattern(2 * chunk, 3))
     original = bytes(src)
@@ -564,7 +548,7 @@ def test_sender_carries_a_cut_off_frame_into_the_next_call() -> None:
 
 
 def test_receiver_discards_the_rest_of_a_duplicate_in_the_next_call() -> None:
-    a, b = make_pairs(2)
+    a, b = tcp_pairs(2)
     chunk = 4096
     data = bytes(pattern(2 * chunk, 4))
     dst = bytearray(2 * chunk)
@@ -625,7 +609,7 @@ def test_transfer_ids_must_grow_per_direction(link_factory: Callable[[int], Link
 def test_carried_frame_goes_out_before_the_acks_of_a_receive() -> None:
     # The set's last send ended with a frame half on the wire; its next call is a receive. The tail
     # must precede the first ACK, or the peer would read the ACK as payload.
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     chunk = 16 * MiB
     src = bytes(pattern(2 * chunk, 6))
     with StreamSet([a[0].fileno()]) as x:
@@ -650,7 +634,7 @@ def test_carried_frame_goes_out_before_the_acks_of_a_receive() -> None:
 
 
 def test_sender_drops_late_data_of_an_earlier_receive() -> None:
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     with StreamSet([a[0].fileno()]) as x:
         got = bytearray(100)
         rx = Background(lambda: x.recv_into(got, transfer_id=7, length=100, chunk_bytes=4096,
@@ -676,7 +660,7 @@ def test_sender_leaves_the_peers_next_transfer_in_the_socket() -> None:
     # The peer finishes receiving and at once starts sending towards us on the same stream: its DATA
     # arrives behind its ACK and DONE, possibly in the same read. The sender must stop there and
     # leave header and payload for the receive call that follows.
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     with StreamSet([a[0].fileno()]) as x:
         tx = Background(lambda: x.send(b"ping" * 25, transfer_id=1, chunk_bytes=4096,
                                        csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
@@ -697,7 +681,7 @@ def test_sender_leaves_the_peers_next_transfer_in_the_socket() -> None:
 
 
 def test_sender_rejects_bogus_acks() -> None:
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     with StreamSet([a[0].fileno()]) as tx_set:
         tx = Background(lambda: tx_set.send(bytes(8192), transfer_id=3, chunk_bytes=4096,
                                             csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
@@ -710,7 +694,7 @@ def test_sender_rejects_bogus_acks() -> None:
 
 
 def test_sender_finishes_on_done_and_ignores_stale_acks() -> None:
-    a, b = make_pairs(1)
+    a, b = tcp_pairs(1)
     with StreamSet([a[0].fileno()]) as tx_set:
         # Late ACK/DONE of an earlier transfer already waiting in the socket.
         b[0].sendall(_core.encode_header(FrameType.DONE, 0, 0, 0, 1, 0, 0) +

@@ -21,7 +21,7 @@ import pytest
 from dwcp.transport.pyengine import PyStreamSet
 from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
                               encode_header, payload_checksum)
-from tests.conftest import Background
+from tests.conftest import Background, tcp_pairs
 
 try:
     from dwcp import _core
@@ -53,17 +53,7 @@ class Net:
         self.engines: list[Any] = []
 
     def pairs(self, n: int) -> tuple[list[socket.socket], list[socket.socket]]:
-        lsock = socket.create_server(("127.0.0.1", 0), backlog=min(n, 128))
-        a: list[socket.socket] = []
-        b: list[socket.socket] = []
-        try:
-            for _ in range(n):
-                c = socket.create_connection(lsock.getsockname())
-                s, _ = lsock.accept()
-                a.append(c)
-                b.append(s)
-        finally:
-            lsock.close()
+        a, b = tcp_pairs(n)
         self.socks += a + b
         return a, b
 

@@ -28,7 +28,7 @@ from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClo
 from dwcp.transport.pyengine import PyStreamSet
 from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
                               encode_header, payload_checksum)
-from tests.conftest import Background
+from tests.conftest import Background, tcp_pairs
 
 XXH3 = int(Flag.CSUM_XXH3)
 CRC32C = int(Flag.CSUM_CRC32C)
@@ -44,17 +44,7 @@ class Pairs:
         self.sets: list[PyStreamSet] = []
 
     def __call__(self, n: int) -> tuple[list[socket.socket], list[socket.socket]]:
-        lsock = socket.create_server(("127.0.0.1", 0), backlog=min(n, 128))
-        tx: list[socket.socket] = []
-        rx: list[socket.socket] = []
-        try:
-            for _ in range(n):
-                c = socket.create_connection(lsock.getsockname())
-                s, _ = lsock.accept()
-                tx.append(c)
-                rx.append(s)
-        finally:
-            lsock.close()
+        tx, rx = tcp_pairs(n)
         self.socks += tx + rx
         return tx, rx
 
