@@ -39,7 +39,8 @@ ext = Extension(
     depends=core_sources + sorted(glob.glob("csrc/*.h") + glob.glob("csrc/include/dwcp/*.h")),
     define_macros=macros,
     extra_compile_args=common + ["-Wall", "-Wno-unused-function"],
-    extra_link_args=link,
+    # After the static core on the command line, so the linker resolves hde.c's zstd calls from it.
+    extra_link_args=link + ["-lzstd"],
 )
 
 
