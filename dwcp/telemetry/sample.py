@@ -50,3 +50,47 @@ class FlowSample:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FlowEvent:
+    """A flow opening or closing (from `sock/inet_sock_set_state`, or inferred by a polling source
+    when a cookie appears in or disappears from its snapshots)."""
+
+    kind: str                       # "open" or "close"
+    cookie: int
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    timestamp_ns: int
+    source: str
+    netns: int = 0
+    old_state: str = ""
+    new_state: str = ""
+    pid: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FlowFilter:
+    """Which flows a source reports; None means "any". `ports` matches either endpoint's port."""
+
+    ports: frozenset[int] | None = None
+    peer: str | None = None         # remote address
+    netns: int | None = None        # namespace inode
+    pid: int | None = None          # owning process (sources that cannot tell ignore flows they cannot attribute)
+    cgroup: str | None = None       # cgroup v2 path (sockops scope); sources without cgroup info ignore it
+
+    def matches(self, s: FlowSample | FlowEvent) -> bool:
+        if self.ports is not None and s.sport not in self.ports and s.dport not in self.ports:
+            return False
+        if self.peer is not None and s.daddr != self.peer:
+            return False
+        if self.netns is not None and s.netns != self.netns:
+            return False
+        if self.pid is not None and s.pid is not None and s.pid != self.pid:
+            return False
+        return True
