@@ -1,0 +1,1 @@
+"""HDE, hybrid delta encoding: send only what changed against the version the peer already holds."""
