@@ -493,6 +493,11 @@ class Session:
             return dict(self._last_stats)
         return self._engine.stats()
 
+    def data_sockets(self) -> list[socket.socket]:
+        """The data streams' sockets (a copy of the list), for telemetry: e.g.
+        ``LinkMonitor.register_session`` reads their cookies. Do not read from or write to them."""
+        return list(self._data)
+
     def tcp_retransmits(self) -> int:
         total = 0
         for s in self._data:
