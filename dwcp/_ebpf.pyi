@@ -1,0 +1,39 @@
+"""Typed stubs of the eBPF telemetry loader (dwcp/_ebpf.pyx)."""
+
+from collections.abc import Iterable
+from typing import Any
+
+HOOK_AUTO: int
+HOOK_TP_BTF: int
+HOOK_TRACEPOINT: int
+MAX_FILTER_PORTS: int
+FLOWS_MAX_ENTRIES: int
+FLOW_APP_LIMITED: int
+FLOW_OPEN_SENT: int
+FLOW_BY_PROBE: int
+FLOW_BY_SOCKOPS: int
+FLOW_BY_STATE: int
+EV_OPEN: int
+EV_CLOSE: int
+PROGRAM_PREFIX: str
+
+def probe() -> tuple[bool, str]: ...
+
+class Programs:
+    def __init__(self, *, hook: int = 0, cgroup: str | None = None, ports: Iterable[int] = (),
+                 netns: int = 0, flows_max: int = 0) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def hook(self) -> str: ...
+    @property
+    def hook_reason(self) -> str: ...
+    @property
+    def sockops(self) -> bool: ...
+    @property
+    def events_dropped(self) -> int: ...
+    def flows(self) -> list[dict[str, Any]]: ...
+    def forget(self, cookie: int) -> bool: ...
+    def poll(self, timeout_ms: int = 0) -> list[tuple[int, int, int, dict[str, Any]]]: ...
+    def ids(self) -> tuple[list[int], list[int]]: ...
+    def close(self) -> None: ...
