@@ -37,7 +37,8 @@ def feature_report() -> dict[str, dict[str, object]]:
             "SSE4.2 crc32 instructions" if core.get("crc32c_hw") else "CPU lacks SSE4.2: table CRC32C")
         put("xxh3", bool(core.get("xxh3")), "XXH3 payload checksums")
     put("tls", ssl.HAS_TLSv1_3, f"{ssl.OPENSSL_VERSION} (data path runs in the Python engine)")
-    put("ebpf", False, "the eBPF telemetry extension (dwcp._ebpf) is not part of this build yet")
+    from dwcp.telemetry.ebpf_source import ebpf_available  # cheap: no program is loaded
+    put("ebpf", *ebpf_available())
     put("rdma", *_rdma())
     return report
 
