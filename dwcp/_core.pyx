@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""The compiled core: frame codec, checksums and the striped multi-stream transfer engine (csrc/).
+"""The compiled core: frame codec, checksums, the striped multi-stream transfer engine and the HDE
+delta kernels (csrc/).
 
 Bare primitives for the layers above (dwcp.wire, dwcp.transport): every call validates its arguments
 and raises :mod:`dwcp.errors` exceptions; transfers run without the GIL."""
@@ -9,13 +10,15 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Releas
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 
 from dwcp.includes.frame cimport *
 from dwcp.includes.amst cimport *
 
 import math
 
-from dwcp.errors import (CapabilityError, ConfigError, TransportError, convert_error)
+from dwcp.errors import (CapabilityError, ConfigError, DWCPError, ProtocolError, TransportError,
+                         convert_error)
 
 HEADER_BYTES = DWCP_HEADER_BYTES
 MAX_CHUNK_BYTES = DWCP_MAX_CHUNK_BYTES
@@ -427,3 +430,6 @@ cdef class StreamSet:
     def __repr__(self):
         state = "closed" if self.closed else f"{self.alive_count()} alive"
         return f"<dwcp._core.StreamSet {self._n} streams, {state}>"
+
+
+include "_hde.pxi"

@@ -7,6 +7,7 @@ import json
 import click
 
 import dwcp
+from dwcp.cli.hde import hde
 from dwcp.cli.netlab import netlab
 
 
@@ -29,6 +30,7 @@ def features(as_json: bool) -> None:
         click.echo(f"  {'yes' if f['available'] else 'no ':3}  {name:10} {f['reason']}")
 
 
+main.add_command(hde)  # `dwcp hde encode|decode`
 main.add_command(netlab)  # `dwcp netlab ...` (pyroute2 is imported only when a netlab command runs)
 
 if __name__ == "__main__":
