@@ -27,6 +27,7 @@ import click
 
 import dwcp
 from dwcp.errors import DWCPError
+from dwcp.telemetry import LinkMonitor, open_source, source_info
 from dwcp.transport.session import Session
 from dwcp.wire.messages import XferKind
 
@@ -200,6 +201,7 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
             click.echo(f"Connecting to {addr}: {s.params.streams} streams, chunk {s.params.chunk_bytes} B, "
                        f"checksum {s.params.checksum}, backend {s.backend}, zero-copy "
                        f"{'on' if s.stats()['zerocopy'] else 'off'} ({s.zerocopy_reason})")
+        monitor, link = _link_monitor(s)
         progress = _Progress(s, seconds, interval_s, quiet, tty)
         done = threading.Event()
         r0, cpu0, t0 = s.tcp_retransmits(), _cpu_s(), time.monotonic()
@@ -210,6 +212,7 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
         finally:
             done.set()
             reporter.join()
+            link = _link_result(monitor, s, link)
         elapsed = time.monotonic() - t0
         cpu = _cpu_s() - cpu0
         retrans = s.tcp_retransmits() - r0
@@ -232,7 +235,44 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
         "intervals": [iv.as_dict() for iv in progress.intervals],
         "cpu": {"client_percent": 100.0 * cpu / elapsed, "server_percent": server_report["cpu_percent"]},
         "server": {"bytes": server_report["bytes"], "seconds": server_report["seconds"]},
+        "link": link,
     }
+
+
+def _link_monitor(session: Session) -> tuple[LinkMonitor | None, dict[str, Any]]:
+    """A LinkMonitor over the session's own data streams (the best telemetry source available)."""
+    try:
+        info = source_info()
+        monitor = LinkMonitor(open_source(), registered_only=True)
+    except DWCPError as e:
+        return None, {"tier": None, "min_rtt_us": None, "bottleneck_bps": None, "source": None,
+                      "error": str(e)}
+    monitor.register_session(session)
+    monitor.start()
+    return monitor, {"source": monitor.source.name, "source_reason": info["reason"]}
+
+
+def _link_result(monitor: LinkMonitor | None, session: Session, link: dict[str, Any]) -> dict[str, Any]:
+    """The monitor's final estimate of the session's peer as the result's `link` object."""
+    if monitor is None:
+        return link
+    try:
+        monitor.poll()
+    except DWCPError:
+        pass
+    monitor.close()
+    est = monitor.estimate(str(session.peer[0]))
+    if monitor.error is not None:
+        link["error"] = f"telemetry stopped: {monitor.error}"
+    if est is None:
+        link.update({"tier": None, "min_rtt_us": None, "bottleneck_bps": None, "confidence": 0.0,
+                     "time_to_decision_s": None})
+        return link
+    link.update({"tier": int(est.tier) if est.tier is not None else None, "min_rtt_us": est.min_rtt_us,
+                 "bottleneck_bps": est.bottleneck_bps, "confidence": est.tier_confidence,
+                 "time_to_decision_s": est.time_to_decision_s, "loss_rate": est.loss_rate,
+                 "tier_reason": est.tier_reason})
+    return link
 
 
 def print_summary(r: dict[str, Any]) -> None:
@@ -243,6 +283,13 @@ def print_summary(r: dict[str, Any]) -> None:
                f"chunks re-sent {r['chunks_resent']}")
     click.echo(f"CPU: client {r['cpu']['client_percent']:.0f}%, server {r['cpu']['server_percent']:.0f}% "
                f"(100% = one core)")
+    link = r.get("link") or {}
+    if link.get("tier") is not None:
+        click.echo(f"link: tier {link['tier']}, bottleneck {_fmt_rate(link['bottleneck_bps']).strip()}, "
+                   f"min RTT {link['min_rtt_us'] / 1000:.3f} ms (source {link['source']}, "
+                   f"confidence {link['confidence']:.2f})")
+    else:
+        click.echo(f"link: unknown ({link.get('error') or 'no telemetry samples'}; source {link.get('source')})")
 
 
 def _client_options(f: Any) -> Any:
