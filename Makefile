@@ -30,5 +30,5 @@ mypy: build
 	$(PY) -m mypy
 
 clean:
-	rm -rf build dist *.egg-info dwcp/_core*.so dwcp/_core.c dwcp/netlab/dwcp-delayline .build-mode .pytest_cache .hypothesis
+	rm -rf build dist *.egg-info dwcp/_core*.so dwcp/_core.c dwcp/_ebpf*.so dwcp/_ebpf.c dwcp/netlab/dwcp-delayline .build-mode .pytest_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -112,7 +112,7 @@ static __always_inline void emit(struct dwcp_flow *f, __u8 kind, int oldstate, i
 }
 
 /* The counters of tcp_sock tp into f. RD(p, field) is a direct load (tp_btf) or a CO-RE probe read. */
-#define DEFINE_FILL(NAME, RD)                                                              \
+#define DEFINE_FILL(NAME, RD, RDBITS)                                                      \
 static __always_inline void NAME(struct dwcp_flow *f, struct tcp_sock *tp)                 \
 {                                                                                          \
 	__u32 ivl = RD(tp, rate_interval_us);                                              \
@@ -129,18 +129,22 @@ static __always_inline void NAME(struct dwcp_flow *f, struct tcp_sock *tp)      
 	if (ivl) {                                                                         \
 		f->rate_delivered = RD(tp, rate_delivered);                                \
 		f->rate_interval_us = ivl;                                                 \
-		if (BPF_CORE_READ_BITFIELD_PROBED(tp, rate_app_limited))                   \
+		if (RDBITS(tp, rate_app_limited))                                          \
 			f->flags |= DWCP_FLOW_APP_LIMITED;                                 \
 		else                                                                       \
 			f->flags &= ~DWCP_FLOW_APP_LIMITED;                                \
 	}                                                                                  \
 }
 
+/* tp_btf: direct loads from the typed pointers (the verifier allows reading inside skb->cb[] and the
+ * byte holding a bitfield); tracepoint: CO-RE bpf_probe_read_kernel. */
 #define RD_BTF(p, field) ((p)->field)
 #define RD_CORE(p, field) BPF_CORE_READ(p, field)
+#define RDBITS_BTF(p, field) BPF_CORE_READ_BITFIELD(p, field)
+#define RDBITS_CORE(p, field) BPF_CORE_READ_BITFIELD_PROBED(p, field)
 
-DEFINE_FILL(fill_btf, RD_BTF)
-DEFINE_FILL(fill_core, RD_CORE)
+DEFINE_FILL(fill_btf, RD_BTF, RDBITS_BTF)
+DEFINE_FILL(fill_core, RD_CORE, RDBITS_CORE)
 
 /* tcp_probe fires at the entry of tcp_rcv_established, before the segment is processed: the socket's
  * counters lag one segment. Add what this segment will acknowledge / deliver in order, so that a
@@ -163,9 +167,9 @@ static __always_inline int NAME(__u64 cookie, struct sock *sk, struct tcp_sock *
 	nxt = RD(tp, snd_nxt);                                                             \
 	rnxt = RD(tp, rcv_nxt);                                                            \
 	tcb = (const void *)&skb->cb[0];                                                   \
-	ack = BPF_CORE_READ(tcb, ack_seq);                                                 \
-	seq = BPF_CORE_READ(tcb, seq);                                                     \
-	end = BPF_CORE_READ(tcb, end_seq);                                                 \
+	ack = RD(tcb, ack_seq);                                                            \
+	seq = RD(tcb, seq);                                                                \
+	end = RD(tcb, end_seq);                                                            \
 	d = ack - una;                                                                     \
 	if ((__s32)d > 0 && d <= nxt - una)                                                \
 		f->bytes_acked += d;                                                       \
