@@ -263,6 +263,24 @@ static int valid_page_size(uint32_t ps)
     return ps >= DWCP_HDE_MIN_PAGE && ps <= DWCP_HDE_MAX_PAGE && (ps & (ps - 1)) == 0;
 }
 
+/* The smallest window (as a log2) covering `bytes`, within what this libzstd accepts (10..31 on 64-bit;
+ * the ZSTD_WINDOWLOG_* macros are behind ZSTD_STATIC_LINKING_ONLY, so ask the library). */
+static int window_log_for(size_t bytes)
+{
+    ZSTD_bounds b = ZSTD_cParam_getBounds(ZSTD_c_windowLog);
+    int w = ZSTD_isError(b.error) ? 10 : b.lowerBound;
+    int hi = ZSTD_isError(b.error) ? 27 : b.upperBound;
+    while (w < hi && ((size_t)1 << w) < bytes)
+        w++;
+    return w;
+}
+
+static int window_log_max(void)
+{
+    ZSTD_bounds b = ZSTD_dParam_getBounds(ZSTD_d_windowLogMax);
+    return ZSTD_isError(b.error) ? 27 : b.upperBound;
+}
+
 /* Compress (or store) body into out + header; fill the header's codec/stored fields. */
 static int64_t store_body(dwcp_hde_ctx *c, const uint8_t *body, size_t body_len, int level, uint8_t *out,
                           size_t out_cap, dwcp_hde_header *h)
@@ -272,7 +290,22 @@ static int64_t store_body(dwcp_hde_ctx *c, const uint8_t *body, size_t body_len,
     size_t stored = 0;
     h->codec = DWCP_HDE_STORED;
     if (level != DWCP_HDE_LEVEL_OFF) {
-        size_t r = ZSTD_compressCCtx(c->cctx, dst, cap, body, body_len, level);
+        /* The window covers the whole body: zstd's level tables size it for generic input (2-8 MiB),
+         * but a batch body is only as big as its changes and the decoder holds all of it anyway, so a
+         * match anywhere in the batch costs the decoder nothing extra. */
+        ZSTD_CCtx *z = c->cctx;
+        size_t e;
+        ZSTD_CCtx_reset(z, ZSTD_reset_session_and_parameters);
+        if (ZSTD_isError(e = ZSTD_CCtx_setParameter(z, ZSTD_c_compressionLevel, level)))
+            return zstd_fail(c, "set level", e);
+        if (body_len > ((size_t)1 << 21)) {
+            int wlog = window_log_for(body_len);
+            if (wlog > 27)
+                wlog = 27;
+            if (ZSTD_isError(e = ZSTD_CCtx_setParameter(z, ZSTD_c_windowLog, wlog)))
+                return zstd_fail(c, "set window", e);
+        }
+        size_t r = ZSTD_compress2(z, dst, cap, body, body_len);
         if (ZSTD_isError(r))
             return zstd_fail(c, "compress batch", r);
         if (r < body_len) {
@@ -534,24 +567,6 @@ int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uin
     counts->body_bytes += k.body_bytes;
     counts->stored_bytes += k.stored_bytes;
     return DWCP_HDE_OK;
-}
-
-/* The smallest window (as a log2) covering `bytes`, within what this libzstd accepts (10..31 on 64-bit;
- * the ZSTD_WINDOWLOG_* macros are behind ZSTD_STATIC_LINKING_ONLY, so ask the library). */
-static int window_log_for(size_t bytes)
-{
-    ZSTD_bounds b = ZSTD_cParam_getBounds(ZSTD_c_windowLog);
-    int w = ZSTD_isError(b.error) ? 10 : b.lowerBound;
-    int hi = ZSTD_isError(b.error) ? 27 : b.upperBound;
-    while (w < hi && ((size_t)1 << w) < bytes)
-        w++;
-    return w;
-}
-
-static int window_log_max(void)
-{
-    ZSTD_bounds b = ZSTD_dParam_getBounds(ZSTD_d_windowLogMax);
-    return ZSTD_isError(b.error) ? 27 : b.upperBound;
 }
 
 int64_t dwcp_hde_encode_buffer(dwcp_hde_ctx *c, const uint8_t *new_, size_t new_len, const uint8_t *base,

@@ -97,12 +97,13 @@ def hde() -> None:
               help="auto, off, or a zstd level (-7..22).")
 @click.option("--link-mbps", type=float, help="Link rate the delta will cross (level auto matches it).")
 @click.option("--threads", type=click.IntRange(1, 256), help="Encoder threads [default: CPUs available].")
-@click.option("--batch-mib", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Pages per batch, in MiB (page mode).")
+@click.option("--batch-mib", type=click.IntRange(1, 64),
+              help="Image MiB per batch (page mode) [default: from the image size, 4..64].")
 @click.option("--stats", "show", is_flag=True, help="Print ratio, speed and page classes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
 def encode(base_path: str | None, new_path: str, output: str, page_size: int, mode: str, level: str,
-           link_mbps: float | None, threads: int | None, batch_mib: int, show: bool, as_json: bool) -> None:
+           link_mbps: float | None, threads: int | None, batch_mib: int | None, show: bool,
+           as_json: bool) -> None:
     """Write to OUTPUT a delta that rebuilds NEW from --base (without --base: NEW compressed alone)."""
     from dwcp.compression import hde as codec
     try:
@@ -112,7 +113,7 @@ def encode(base_path: str | None, new_path: str, output: str, page_size: int, mo
             f = stack.enter_context(_output(output))
             _, stats = codec.encode(new, base, mode=mode, page_size=page_size, level=level,
                                     link_bps=link_mbps * 1e6 if link_mbps else None, threads=threads,
-                                    batch_bytes=batch_mib << 20, sink=f.write)
+                                    batch_bytes=batch_mib << 20 if batch_mib else None, sink=f.write)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _report(stats, show, as_json)

@@ -25,7 +25,11 @@ from dwcp.compression.format import (BATCH_HEADER_BYTES, DeltaHeader, Mode, iter
 from dwcp.errors import ConfigError, ProtocolError
 
 DEFAULT_PAGE_SIZE = 4096
-DEFAULT_BATCH_BYTES = 4 << 20
+#: Batch size bounds when the encoder chooses (batch_bytes=None): batches as large as possible (zstd
+#: finds more matches in a bigger body: on redis snapshots 4 -> 64 MiB batches took the 1 % step from
+#: ratio 319 to 412) while leaving at least 4 batches per thread to share out.
+MIN_AUTO_BATCH_BYTES = 4 << 20
+MAX_AUTO_BATCH_BYTES = 64 << 20
 #: Calibration samples at most this many batches (spread over the image).
 CALIBRATION_BATCHES = 3
 
@@ -150,13 +154,14 @@ def _page_stats(op: str, pool: _Pool, header: DeltaHeader, out_bytes: int, secon
 
 def encode(new: Any, base: Any = None, *, mode: str = "auto", page_size: int = DEFAULT_PAGE_SIZE,
            level: int | str | None = "auto", link_bps: float | None = None, dirty: Any = None,
-           batch_bytes: int = DEFAULT_BATCH_BYTES, threads: int | None = None,
+           batch_bytes: int | None = None, threads: int | None = None,
            sink: Callable[[bytes], Any] | None = None) -> tuple[bytes | None, HdeStats]:
     """Encode `new` against `base` (the version the peer holds, or None).
 
     mode: "page", "buffer" or "auto" (page when both lengths are whole pages, else buffer).
     level: "auto" (chosen for link_bps; see dwcp.compression.level), None/"off", or a zstd level.
     dirty: page mode only: one byte per page, 0 = the caller knows the page is unchanged since base.
+    batch_bytes: page mode: image bytes per batch (None: chosen from the image size and threads).
     sink: called with each piece of the delta in order (then the bytes are not kept; returns None).
     Returns (delta or None, stats)."""
     nv = _view(new, "new")
@@ -190,6 +195,12 @@ def _choose_mode(mode: str, new_len: int, base_len: int | None, page_size: int) 
     return Mode.PAGE if aligned and new_len else Mode.BUFFER
 
 
+def auto_batch_bytes(image_bytes: int, threads: int, page_size: int) -> int:
+    want = image_bytes // (4 * max(1, threads))
+    want = max(MIN_AUTO_BATCH_BYTES, min(MAX_AUTO_BATCH_BYTES, want))
+    return max(page_size, want - want % page_size)
+
+
 def _batch_pages(page_size: int, batch_bytes: int) -> int:
     if not (_core.HDE_MIN_PAGE <= page_size <= _core.HDE_MAX_PAGE) or page_size & (page_size - 1):
         raise ConfigError(f"page size {page_size}: use a power of two in {_core.HDE_MIN_PAGE}.."
@@ -200,8 +211,11 @@ def _batch_pages(page_size: int, batch_bytes: int) -> int:
 
 
 def _encode_pages(nv: memoryview, bv: memoryview | None, page_size: int, lvl: int | None | str,
-                  link_bps: float | None, dirty: Any, batch_bytes: int, threads: int,
+                  link_bps: float | None, dirty: Any, batch_bytes: int | None, threads: int,
                   put: Callable[[bytes], Any]) -> HdeStats:
+    _batch_pages(page_size, MIN_AUTO_BATCH_BYTES)  # validates the page size first
+    if batch_bytes is None:
+        batch_bytes = auto_batch_bytes(len(nv), threads, page_size)
     per = _batch_pages(page_size, batch_bytes)
     header = DeltaHeader(Mode.PAGE, len(nv), len(bv) if bv is not None else 0, page_size, per)
     dv = _view(dirty, "dirty") if dirty is not None else None
