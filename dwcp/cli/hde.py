@@ -38,7 +38,10 @@ def _mapped(path: str) -> Iterator[Any]:
         try:
             yield m
         finally:
-            m.close()
+            # A decode error's traceback may still hold views of the map (BufferError on close): then it
+            # is unmapped when they go, and the DWCPError, not the BufferError, reaches the user.
+            with contextlib.suppress(BufferError):
+                m.close()
 
 
 @contextlib.contextmanager
