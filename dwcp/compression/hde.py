@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from dwcp import _core
 from dwcp.compression import level as levels
@@ -32,6 +32,20 @@ MIN_AUTO_BATCH_BYTES = 4 << 20
 MAX_AUTO_BATCH_BYTES = 64 << 20
 #: Calibration samples at most this many batches (spread over the image).
 CALIBRATION_BATCHES = 3
+
+
+@runtime_checkable
+class SegmentedBase(Protocol):
+    """A base held in segments, some of which may be missing (evicted from a BaselineStore). Pages in a
+    missing segment are encoded without a base (zero or raw pages): never against stale bytes."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def segment_bytes(self) -> int: ...
+
+    def segment(self, offset: int, size: int) -> memoryview | None: ...
 
 
 def default_threads() -> int:
@@ -165,18 +179,29 @@ def encode(new: Any, base: Any = None, *, mode: str = "auto", page_size: int = D
     sink: called with each piece of the delta in order (then the bytes are not kept; returns None).
     Returns (delta or None, stats)."""
     nv = _view(new, "new")
-    bv = _view(base, "base") if base is not None else None
     lvl = levels.parse_level(level)
     nthreads = threads if threads is not None else default_threads()
     if not 1 <= nthreads <= 256:
         raise ConfigError(f"threads must be 1..256, got {nthreads}")
+    pieces: list[bytes] = []
+    put = sink if sink is not None else pieces.append
+    if isinstance(base, SegmentedBase):
+        if mode not in ("auto", "page"):
+            raise ConfigError("a segmented base (BaselineStore) needs page mode")
+        if base.segment_bytes % page_size:
+            raise ConfigError(f"segments of {base.segment_bytes} bytes are not whole {page_size}-byte pages")
+        stats = _encode_pages(nv, base.length, base.segment, page_size, lvl, link_bps, dirty,
+                              base.segment_bytes, nthreads, put)
+        return (None if sink is not None else b"".join(pieces)), stats
+    bv = _view(base, "base") if base is not None else None
     chosen = _choose_mode(mode, len(nv), len(bv) if bv is not None else None, page_size)
     if dirty is not None and chosen is not Mode.PAGE:
         raise ConfigError("a dirty map needs page mode (page-aligned images)")
-    pieces: list[bytes] = []
-    put = sink if sink is not None else pieces.append
     if chosen is Mode.PAGE:
-        stats = _encode_pages(nv, bv, page_size, lvl, link_bps, dirty, batch_bytes, nthreads, put)
+        def whole(off: int, size: int) -> memoryview | None:
+            return bv[off:off + size] if bv is not None and off < len(bv) else None
+        stats = _encode_pages(nv, len(bv) if bv is not None else 0, whole, page_size, lvl, link_bps, dirty,
+                              batch_bytes, nthreads, put)
     else:
         stats = _encode_buffer(nv, bv, lvl, link_bps, nthreads, put)
     if sink is not None:
@@ -210,14 +235,14 @@ def _batch_pages(page_size: int, batch_bytes: int) -> int:
     return min(batch_bytes // page_size, _core.HDE_MAX_BATCH_PAGES)
 
 
-def _encode_pages(nv: memoryview, bv: memoryview | None, page_size: int, lvl: int | None | str,
-                  link_bps: float | None, dirty: Any, batch_bytes: int | None, threads: int,
-                  put: Callable[[bytes], Any]) -> HdeStats:
+def _encode_pages(nv: memoryview, base_len: int, base_at: Callable[[int, int], memoryview | None],
+                  page_size: int, lvl: int | None | str, link_bps: float | None, dirty: Any,
+                  batch_bytes: int | None, threads: int, put: Callable[[bytes], Any]) -> HdeStats:
     _batch_pages(page_size, MIN_AUTO_BATCH_BYTES)  # validates the page size first
     if batch_bytes is None:
         batch_bytes = auto_batch_bytes(len(nv), threads, page_size)
     per = _batch_pages(page_size, batch_bytes)
-    header = DeltaHeader(Mode.PAGE, len(nv), len(bv) if bv is not None else 0, page_size, per)
+    header = DeltaHeader(Mode.PAGE, len(nv), base_len, page_size, per)
     dv = _view(dirty, "dirty") if dirty is not None else None
     if dv is not None and len(dv) != header.pages:
         raise ConfigError(f"dirty map has {len(dv)} entries; the image has {header.pages} pages")
@@ -227,7 +252,7 @@ def _encode_pages(nv: memoryview, bv: memoryview | None, page_size: int, lvl: in
     def region(i: int) -> tuple[int, memoryview, memoryview | None, memoryview | None]:
         off = i * span
         part = nv[off:off + span]
-        b = bv[off:off + span] if bv is not None and off < len(bv) else None
+        b = base_at(off, span)
         d = dv[i * per:i * per + len(part) // page_size + (1 if len(part) % page_size else 0)] \
             if dv is not None else None
         return i * per, part, b, d

@@ -31,7 +31,7 @@ from dwcp.telemetry.tcp_info import tcp_info
 from dwcp.transport.engine import StreamSetLike, make_stream_set
 from dwcp.transport.options import SessionOptions, is_loopback
 from dwcp.wire import messages
-from dwcp.wire.frames import MAX_CONTROL_BYTES, FrameType, Header, encode_frame
+from dwcp.wire.frames import MAX_CONTROL_BYTES, Flag, FrameType, Header, encode_frame
 from dwcp.wire.handshake import SessionParams
 from dwcp.wire.io import read_frame, write_frame
 
@@ -255,11 +255,16 @@ class Session:
         return self._fail(exc)
 
     # ---- sending ----------------------------------------------------------------------------------
-    def send(self, buffer: Any) -> int:
+    def send(self, buffer: Any, *, compressed: bool = False) -> int:
         """Send the whole buffer. Returns its length once every byte is acknowledged by the peer, so the
-        buffer may be reused or freed at once."""
+        buffer may be reused or freed at once.
+
+        compressed=True marks the transfer as HDE output (dwcp.compression): every DATA frame carries the
+        COMPRESSED flag, nothing below compresses it again, and the receiver sees
+        ``peek().compressed`` so it knows to decode it."""
         mv = as_readable_view(buffer)
-        return self._send(mv, messages.XferKind.BUFFER, name="", length=len(mv), deadline=None)
+        return self._send(mv, messages.XferKind.BUFFER, name="", length=len(mv), deadline=None,
+                          frame_flags=int(Flag.COMPRESSED) if compressed else 0)
 
     def send_file(self, path: str | os.PathLike[str]) -> int:
         """Send a regular file (memory-mapped, so it is never copied in user space)."""
@@ -281,7 +286,7 @@ class Session:
                     mv.release()
 
     def _send(self, mv: memoryview, kind: messages.XferKind, *, name: str, length: int,
-              deadline: float | None, mode: int | None = None) -> int:
+              deadline: float | None, mode: int | None = None, frame_flags: int = 0) -> int:
         self._check_open()
         if not self._lock.acquire(blocking=False):
             raise TransportError("another transfer is running on this session; a session carries one "
@@ -291,7 +296,8 @@ class Session:
             tid = self._next_tid()
             wrap = len(mv) if length > len(mv) else 0
             begin = messages.XferBegin(transfer_id=tid, length=length, chunk_bytes=self.params.chunk_bytes,
-                                       kind=kind, wrap_bytes=wrap, frame_flags=0, name=name, mode=mode)
+                                       kind=kind, wrap_bytes=wrap, frame_flags=frame_flags, name=name,
+                                       mode=mode)
             try:
                 write_frame(self._control, encode_frame(FrameType.XFER_BEGIN, messages.encode_xfer_begin(begin)))
             except OSError as e:
@@ -300,6 +306,7 @@ class Session:
                 try:
                     sent = self._engine.send(mv, transfer_id=tid, chunk_bytes=self.params.chunk_bytes,
                                              csum_flags=self.params.csum_flags, length=length,
+                                             frame_flags=frame_flags,
                                              timeout_s=self.options.timeout_s, zerocopy=self._zerocopy,
                                              zc_min_bytes=self.options.zc_min_bytes, deadline=deadline)
                 except DWCPError as e:

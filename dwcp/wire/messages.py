@@ -403,6 +403,11 @@ class XferBegin:
     name: str = ""
     mode: int | None = None
 
+    @property
+    def compressed(self) -> bool:
+        """The payload is HDE output (dwcp.compression): decode it after receiving."""
+        return bool(self.frame_flags & frames.Flag.COMPRESSED)
+
 
 def encode_xfer_begin(m: XferBegin) -> bytes:
     _check_range(m.transfer_id, 0, (1 << 64) - 1, "transfer_id")
