@@ -368,3 +368,17 @@ def test_bad_options_are_config_errors(ebpf_ready: None) -> None:
         _ebpf.Programs(ports=range(1, 20))
     with pytest.raises(CapabilityError, match="cgroup"):
         EbpfSource(cgroup="/nonexistent-cgroup")
+
+
+@kernel
+def test_feature_report_and_unprivileged_reason(ebpf_ready: None) -> None:
+    import dwcp
+    assert "ebpf" in dwcp.backend_features
+    code = ("import dwcp, json; from dwcp.telemetry.ebpf_source import ebpf_available; "
+            "print(json.dumps([ebpf_available(), dwcp.feature_report()['ebpf']]))")
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                          sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (ok, why), feature = json.loads(out.stdout)
+    assert not ok and "CAP_BPF" in why and "root" in why
+    assert feature == {"available": False, "reason": why}
