@@ -11,13 +11,22 @@
 do ({"cext", "zerocopy", "crc32c_hw", "xxh3", "tls", ...}).
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dwcp._features import feature_report
 from dwcp.errors import (AdmissionDenied, AuthError, CapabilityError, ConfigError, DWCPError,
                          InsufficientBandwidth, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferTimeout, TransportError)
-from dwcp.transport import BufferTooSmall, Listener, Session, connect, listen
+
+if TYPE_CHECKING:
+    from dwcp._features import feature_report
+    from dwcp.transport.connect import connect
+    from dwcp.transport.listener import Listener, listen
+    from dwcp.transport.session import BufferTooSmall, Session
+
+# The transport (sockets, ssl, telemetry) and the feature probe are imported on first use, so that
+# `import dwcp` -- and every `dwcp` command that does not need them, like `dwcp hde` -- starts fast.
+_LAZY = {"BufferTooSmall": "dwcp.transport", "Listener": "dwcp.transport", "Session": "dwcp.transport",
+         "connect": "dwcp.transport", "listen": "dwcp.transport", "feature_report": "dwcp._features"}
 
 __version__ = "0.1.0"
 
@@ -30,10 +39,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name not in ("backend", "backend_features"):
+        # Also the path for submodules during `from dwcp import x`: never import from here then.
+        raise AttributeError(f"module 'dwcp' has no attribute {name!r}")
     # Computed on first access: probing the kernel at import time would slow every `import dwcp`.
-    from dwcp import _features
-    if name == "backend_features":
-        return _features.backend_features()
-    if name == "backend":
-        return _features.backend()
-    raise AttributeError(f"module 'dwcp' has no attribute {name!r}")
+    features = importlib.import_module("dwcp._features")
+    return features.backend_features() if name == "backend_features" else features.backend()

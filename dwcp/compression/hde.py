@@ -30,8 +30,10 @@ DEFAULT_PAGE_SIZE = 4096
 #: ratio 319 to 412) while leaving at least 4 batches per thread to share out.
 MIN_AUTO_BATCH_BYTES = 4 << 20
 MAX_AUTO_BATCH_BYTES = 64 << 20
-#: Calibration samples at most this many batches (spread over the image).
+#: Calibration samples this many regions spread over the image, each at most CALIBRATION_BYTES (the
+#: start of a batch): enough to rank levels, a small fraction of a large image.
 CALIBRATION_BATCHES = 3
+CALIBRATION_BYTES = 4 << 20
 
 
 @runtime_checkable
@@ -294,8 +296,12 @@ def _calibrate_pages(pool: _Pool, header: DeltaHeader, region: Callable[[int], A
     out = pool.scratch(bound)
     samples: list[tuple[int, float, int]] = []
     bodies: list[bytes] = []
+    limit = max(page_size, CALIBRATION_BYTES - CALIBRATION_BYTES % page_size)
     for i in picks:
         first, part, b, d = region(i)
+        part = part[:limit]
+        b = b[:limit] if b is not None else None
+        d = d[:-(-len(part) // page_size)] if d is not None else None
         t = time.perf_counter()
         size = ctx.encode_batch(first, part, b, d, page_size, _core.HDE_LEVEL_OFF, out)
         samples.append((len(part), time.perf_counter() - t, size - BATCH_HEADER_BYTES))
