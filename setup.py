@@ -11,6 +11,7 @@ import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_clib import build_clib as _build_clib
 from setuptools.command.build_ext import build_ext as _build_ext
 
 SANITIZE = os.environ.get("DWCP_SANITIZE") == "1"
@@ -161,13 +162,22 @@ else:
     ))
 
 
+class build_clib(_build_clib):
+    """The eBPF loader library includes the generated skeleton: make it first. Here rather than in
+    build_ext because `build` and pip's (editable) wheel builds run build_clib on its own, before
+    build_ext -- a fresh clone's `pip install -e .` failed on the missing skeleton."""
+
+    def run(self):
+        if not BPF_MISSING:
+            build_bpf()
+        super().run()
+
+
 class build_ext(_build_ext):
     """`setup.py build_ext --inplace` alone does not run build_clib (only `build` does), so the
     extension would link against a missing or stale libdwcpcore.a: build the C core first."""
 
     def run(self):
-        if not BPF_MISSING:
-            build_bpf()    # the loader library includes the generated skeleton
         self.run_command("build_clib")
         super().run()
         build_delayline(self)
@@ -178,7 +188,7 @@ if DEBUG:
     directives.update({"linetrace": True, "binding": True})
 
 setup(
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_clib": build_clib, "build_ext": build_ext},
     libraries=libraries,
     ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["dwcp"]),
 )
