@@ -321,7 +321,7 @@ def _decide(samples: Sequence[tuple[int, float, int]], compress: Callable[[int],
     """Calibrate levels in increasing order; stop once encoding is the bottleneck (a higher level is
     slower still, so it cannot move data faster), or, without a link, once a level is too slow."""
     costs = levels.calibrate(samples, compress, threads, levels=())
-    fastest = costs[0].encode_bps
+    fastest = 0.0  # of the zstd levels
     for lv in levels.CANDIDATE_LEVELS:
         c = levels.calibrate(samples, compress, threads, levels=(lv,))[1]
         costs.append(c)

@@ -7,8 +7,9 @@ levels within 5 % of the best, the one with the highest ratio (fewer bytes on th
 speed). Both rates come from a calibration on the data itself (a few batches encoded at each candidate
 level), not from a table: ratio and speed both depend on the data far more than on the machine.
 
-Without a link (a delta written to a file) there is no rate to match; then the level is the best ratio
-among those at least half as fast as the fastest choice.
+Without a link (a delta written to a file) there is no rate to match and the output's size is the
+product; then the level is the best ratio among zstd levels at least half as fast as the fastest level
+(off is not a candidate: offline, "uncompressed" is not what anyone asks an encoder for).
 
 The XenServer lesson falls out of the model: on a link faster than any level can compress (10 GbE with a
 couple of cores), every level's encode rate is below the uncompressed link rate, so "off" wins.
@@ -28,8 +29,8 @@ CANDIDATE_LEVELS: tuple[int, ...] = (-3, 1, 3, 6, 9)
 MIN_LEVEL, MAX_LEVEL = -7, 22
 #: Among levels whose predicted rate is within this fraction of the best, prefer the best ratio.
 TOLERANCE = 0.05
-#: With no link (a delta written to a file), the best ratio among levels that keep at least this
-#: fraction of the fastest choice's encode speed: small output, and never more than 2x slower.
+#: With no link (a delta written to a file), the best ratio among zstd levels that keep at least this
+#: fraction of the fastest level's encode speed: small output, at most 2x slower than the fastest.
 OFFLINE_SPEED_FRACTION = 0.5
 
 
@@ -86,12 +87,13 @@ def decide(costs: Sequence[LevelCost], link_bps: float | None) -> LevelDecision:
     if not costs:
         raise ConfigError("no calibrated levels to choose from")
     if link_bps is None:
-        fastest = max(c.encode_bps for c in costs)
-        good = [c for c in costs if c.encode_bps >= fastest * OFFLINE_SPEED_FRACTION]
+        zstd = [c for c in costs if c.level is not None] or list(costs)
+        fastest = max(c.encode_bps for c in zstd)
+        good = [c for c in zstd if c.encode_bps >= fastest * OFFLINE_SPEED_FRACTION]
         pick = max(good, key=lambda c: (c.ratio, c.encode_bps))
         what = "off" if pick.level is None else f"zstd level {pick.level}"
         reason = (f"{what}: no link rate given, so the best ratio ({pick.ratio:.1f}) among levels at least "
-                  f"{OFFLINE_SPEED_FRACTION:.0%} as fast as the fastest ({_mbs(pick.encode_bps)} of "
+                  f"{OFFLINE_SPEED_FRACTION:.0%} as fast as the fastest level ({_mbs(pick.encode_bps)} of "
                   f"{_mbs(fastest)}); pass a link rate to match the level to a link")
         return LevelDecision(pick.level, reason, None, pick.encode_bps, tuple(costs))
     link = float(link_bps)

@@ -37,9 +37,9 @@ def test_middle_link_picks_the_fastest_mover() -> None:
 
 
 def test_no_link_takes_the_best_ratio_at_half_the_fastest_speed_or_better() -> None:
-    costs = [LevelCost(None, 4.0 * GB, 2.0), LevelCost(1, 2.5 * GB, 18.0), LevelCost(3, 2.1 * GB, 21.0),
+    costs = [LevelCost(None, 9.0 * GB, 2.0), LevelCost(1, 2.5 * GB, 18.0), LevelCost(3, 2.1 * GB, 21.0),
              LevelCost(9, 1.0 * GB, 23.0)]
-    d = decide(costs, None)
+    d = decide(costs, None)            # off is not a candidate offline, however fast
     assert d.level == 3 and d.link_bps is None
     assert "no link rate" in d.reason
 
