@@ -3,13 +3,18 @@
 It polls a :class:`~dwcp.telemetry.sources.FlowSource` (in a background thread, or by calling
 :meth:`LinkMonitor.poll` / :meth:`LinkMonitor.ingest` yourself) and keeps, per peer (remote address):
 
-* **bottleneck_bps**: windowed max (``window_s``) of the peer's *aggregate* delivery rate. At every
-  poll the latest kernel delivery-rate samples of the peer's flows that moved data since the previous
-  poll are summed (a DWCP session stripes one transfer over many streams, so the path carries the sum).
-  Samples the kernel marked app-limited are ignored, unless every flow was app-limited and their sum
-  exceeds the current estimate (then the path demonstrably carried that much: a lower bound). Where a
-  source has no delivery rate, the goodput (bytes acknowledged per second) stands in. A receiving-only
-  host sees no delivery rate; its received goodput counts as an app-limited (lower-bound) sample.
+* **bottleneck_bps**: windowed max (``window_s``) of the peer's *aggregate* delivery rate. After every
+  poll the bytes acknowledged on all the peer's flows (a DWCP session stripes one transfer over many
+  streams, so the path carries the sum) over the last rate span, max(``rate_span_s``, 2 min RTTs) on
+  the monitor's clock, make one rate sample. That is the kernel's delivery-rate definition taken over
+  at least two RTTs instead of one ACK: the kernel's per-ACK ``delivery_rate`` on loopback and veth is
+  measured over microseconds and reads 100-400 Gbit/s when the goodput is 15, and on a 150 ms path
+  per-poll byte deltas between ACK bursts read several times the link rate; both are shown per flow
+  but not used here. A sample is app-limited when the kernel marked the latest delivery-rate sample of
+  every active flow app-limited; app-limited samples are ignored, unless the window holds no other or
+  they exceed the estimate (then the path demonstrably carried that much: a lower bound). A
+  receiving-only host sees no acknowledgements; its received goodput counts as an app-limited
+  (lower-bound) sample.
 * **min_rtt_us**: windowed min of the kernel's per-flow min RTT.
 * **loss_rate**: retransmitted segments / segments sent over the window.
 * **confidence** (0..1) = samples x time x saturation: at least ``min_samples`` rate samples, data in
@@ -55,7 +60,7 @@ class PeerEstimate:
     peer: str
     timestamp_s: float
     bottleneck_bps: float = 0.0     # windowed max of the aggregate delivery rate
-    throughput_bps: float = 0.0     # aggregate goodput over the last poll interval
+    throughput_bps: float = 0.0     # aggregate goodput over the last rate span
     min_rtt_us: int = 0             # windowed min RTT
     srtt_us: int = 0                # mean smoothed RTT of the active flows
     loss_rate: float = 0.0          # retransmitted / sent segments over the window
@@ -92,6 +97,9 @@ class _Peer:
     rtts: deque[tuple[float, int]] = field(default_factory=deque)            # (t, min_rtt_us)
     losses: deque[tuple[float, int, float]] = field(default_factory=deque)   # (t, retrans, segs sent)
     history: deque[tuple[float, float]] = field(default_factory=deque)       # (t, bottleneck)
+    counters: deque[tuple[float, int, int]] = field(default_factory=deque)   # (t, acked, received)
+    acked_total: int = 0
+    recv_total: int = 0
     active_since_s: float | None = None
     last_active_s: float | None = None
     detector: TierDetector | None = None
@@ -107,7 +115,7 @@ class LinkMonitor:
     def __init__(self, source: FlowSource, *, interval_s: float = 0.1, window_s: float = 10.0,
                  registered_only: bool = False, thresholds: TierThresholds | None = None,
                  clock: Callable[[], float] = time.monotonic, min_samples: int = 5,
-                 min_active_s: float = 0.3, plateau_min_s: float = 0.3, plateau_growth: float = 0.1,
+                 min_active_s: float = 0.3, rate_span_s: float = 0.2, plateau_min_s: float = 0.3, plateau_growth: float = 0.1,
                  idle_s: float = 1.0) -> None:
         if interval_s <= 0 or window_s <= 0:
             raise ConfigError("LinkMonitor: interval_s and window_s must be > 0")
@@ -119,6 +127,7 @@ class LinkMonitor:
         self.clock = clock
         self.min_samples = min_samples
         self.min_active_s = min_active_s
+        self.rate_span_s = rate_span_s
         self.plateau_min_s = plateau_min_s
         self.plateau_growth = plateau_growth
         self.idle_s = idle_s
@@ -289,11 +298,9 @@ class LinkMonitor:
         st = self._peers.get(peer)
         if st is None:
             st = self._peers[peer] = _Peer(detector=TierDetector(self.thresholds))
-        rate_sum = 0.0
-        rate_flows = 0
         all_app_limited = True
-        goodput = 0.0
-        recv_goodput = 0.0
+        d_acked_sum = 0
+        d_recv_sum = 0
         retrans = 0
         segs = 0.0
         active = False
@@ -303,24 +310,18 @@ class LinkMonitor:
                 st.rtts.append((now, s.min_rtt_us))
             if prev is None:
                 continue
-            dt = (s.timestamp_ns - prev.timestamp_ns) / 1e9
-            if dt <= 0:
-                continue
             d_acked = max(0, s.bytes_acked - prev.bytes_acked)
             d_recv = max(0, s.bytes_received - prev.bytes_received)
             d_sent = max(0, s.bytes_sent - prev.bytes_sent)
             if d_acked > 0:
                 active = True
-                goodput += d_acked * 8 / dt
+                d_acked_sum += d_acked
                 if s.srtt_us > 0:
                     srtts.append(s.srtt_us)
-                if s.delivery_rate_bps > 0:
-                    rate_sum += s.delivery_rate_bps
-                    rate_flows += 1
-                    all_app_limited = all_app_limited and s.delivery_app_limited
+                all_app_limited = all_app_limited and s.delivery_app_limited
             if d_recv > 0:
                 active = True
-                recv_goodput += d_recv * 8 / dt
+                d_recv_sum += d_recv
             retrans += max(0, s.retrans - prev.retrans)
             if d_sent > 0:
                 segs += d_sent / max(s.mss, 536)
@@ -328,12 +329,31 @@ class LinkMonitor:
             st.last_active_s = now
             if st.active_since_s is None:
                 st.active_since_s = now
+                st.counters.clear()  # a new ramp: rates are measured from its start
         elif st.last_active_s is not None and now - st.last_active_s > self.idle_s:
             st.active_since_s = None  # the next burst starts a new ramp
-        if rate_flows:
-            st.rates.append((now, rate_sum, all_app_limited))
-        elif goodput > 0:
-            st.rates.append((now, goodput, False))
+        # Delivery rate over the last rate span (at least max(rate_span_s, 2 RTTs), so that bursts of
+        # ACKs on long paths average out): cumulative bytes on the monitor's clock.
+        st.acked_total += d_acked_sum
+        st.recv_total += d_recv_sum
+        st.counters.append((now, st.acked_total, st.recv_total))
+        min_rtt_now = min((r for _, r in st.rtts), default=0)
+        span = max(self.rate_span_s, 2 * min_rtt_now / 1e6)
+        goodput = recv_goodput = 0.0
+        base = None
+        for c in st.counters:
+            if c[0] <= now - span:
+                base = c
+            else:
+                break
+        if base is not None:
+            while st.counters and st.counters[0][0] < base[0]:
+                st.counters.popleft()
+            dt = now - base[0]
+            goodput = (st.acked_total - base[1]) * 8 / dt
+            recv_goodput = (st.recv_total - base[2]) * 8 / dt
+        if goodput > 0:
+            st.rates.append((now, goodput, all_app_limited))
         elif recv_goodput > 0:
             st.rates.append((now, recv_goodput, True))
         if retrans or segs:
