@@ -8,6 +8,7 @@ under the requested name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -84,6 +85,44 @@ def _report(stats: Any, show: bool, as_json: bool) -> None:
         print(f"level: {j['level']['reason']}", file=out)
 
 
+def _copy_file(path: str, out_fd: int, length: int) -> None:
+    """Copy the first length bytes of path into out_fd inside the kernel: copy_file_range on the same
+    filesystem, sendfile across filesystems (copy_file_range says EXDEV there), plain reads last."""
+    with open(path, "rb") as src:
+        done = 0
+        how = "copy_file_range"
+        while done < length:
+            try:
+                if how == "copy_file_range":
+                    k = os.copy_file_range(src.fileno(), out_fd, length - done, done, done)
+                elif how == "sendfile":
+                    os.lseek(out_fd, done, os.SEEK_SET)
+                    k = os.sendfile(out_fd, src.fileno(), done, length - done)
+                else:
+                    data = os.pread(src.fileno(), min(16 << 20, length - done), done)
+                    k = os.pwrite(out_fd, data, done) if data else 0
+            except OSError as e:
+                if how == "read" or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise click.ClickException(f"cannot copy {path} into the output: {e.strerror}") from None
+                how = "sendfile" if how == "copy_file_range" else "read"
+                continue
+            if k <= 0:
+                raise click.ClickException(f"{path} ended after {done:,} of {length:,} bytes while copying it")
+            done += k
+
+
+def _decode_mapped(fn: Any, delta: Any, fd: int, n: int, threads: int | None, *, populate: bool) -> Any:
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    out = mmap.mmap(fd, n, flags=flags)
+    try:
+        return fn(delta, out, threads=threads)
+    finally:
+        # A failed decode's traceback may still hold views of the map; it is closed when they go, and
+        # the temporary file is removed either way.
+        with contextlib.suppress(BufferError):
+            out.close()
+
+
 @click.group()
 def hde() -> None:
     """HDE deltas: encode a new version against an old one, decode it back."""
@@ -109,6 +148,7 @@ def encode(base_path: str | None, new_path: str, output: str, page_size: int, mo
            as_json: bool) -> None:
     """Write to OUTPUT a delta that rebuilds NEW from --base (without --base: NEW compressed alone)."""
     from dwcp.compression import hde as codec
+    from dwcp.compression.format import Mode
     try:
         with contextlib.ExitStack() as stack:
             base = stack.enter_context(_mapped(base_path)) if base_path else None
@@ -133,6 +173,7 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
            as_json: bool) -> None:
     """Rebuild the new version from DELTA and --base into OUTPUT (verified before it is renamed in place)."""
     from dwcp.compression import hde as codec
+    from dwcp.compression.format import Mode
     try:
         with contextlib.ExitStack() as stack:
             delta = stack.enter_context(_mapped(delta_path))
@@ -145,18 +186,20 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
             n = header.new_length
             if n == 0:
                 stats = codec.decode_into(delta, base, bytearray(), threads=threads)
+            elif base is not None and header.mode is Mode.PAGE:
+                # Page mode against a base: most pages are unchanged. Copy the base into the output in
+                # the kernel (copy_file_range: no pass through user space), then patch only the
+                # changed pages in place -- the unchanged ones are never touched again.
+                assert base_path is not None
+                _copy_file(base_path, f.fileno(), min(n, header.base_length))
+                os.ftruncate(f.fileno(), n)
+                stats = _decode_mapped(codec.apply, delta, f.fileno(), n, threads, populate=False)
             else:
                 os.ftruncate(f.fileno(), n)
                 with contextlib.suppress(OSError):
                     os.posix_fallocate(f.fileno(), 0, n)
-                out = mmap.mmap(f.fileno(), n, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-                try:
-                    stats = codec.decode_into(delta, base, out, threads=threads)
-                finally:
-                    # A failed decode's traceback may still hold views of the map; it is closed when
-                    # they go, and the temporary file is removed either way.
-                    with contextlib.suppress(BufferError):
-                        out.close()
+                stats = _decode_mapped(lambda d, out, threads: codec.decode_into(d, base, out, threads=threads),
+                                       delta, f.fileno(), n, threads, populate=True)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _report(stats, show, as_json)
