@@ -40,6 +40,7 @@ HOOKS = ("tp_btf", "tracepoint")
 ENV_HOOK = "DWCP_EBPF_HOOK"
 
 _TCP_CLOSE = 7
+_CAP_NET_ADMIN = 12
 _CAP_SYS_ADMIN = 21
 _CAP_PERFMON = 38
 _CAP_BPF = 39
@@ -65,6 +66,14 @@ def _effective_caps() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def _may_attach_sockops() -> bool:
+    """sockops is a networking program type: loading it needs CAP_NET_ADMIN (or CAP_SYS_ADMIN)."""
+    caps = _effective_caps()
+    if caps is None:
+        return os.geteuid() == 0
+    return bool(caps >> _CAP_NET_ADMIN & 1 or caps >> _CAP_SYS_ADMIN & 1)
 
 
 def _privilege_problem() -> str | None:
@@ -169,6 +178,12 @@ class EbpfSource:
             cg = cgroup or self._filter.cgroup or default_cgroup()
             if cg is None:
                 log.info("ebpf: no cgroup v2 mount, attaching without the sockops program")
+            elif not _may_attach_sockops():
+                if cgroup is not None:
+                    raise CapabilityError(f"the sockops program for cgroup {cgroup} needs CAP_NET_ADMIN; "
+                                          "grant it or leave cgroup= unset")
+                log.info("ebpf: no CAP_NET_ADMIN, attaching without the sockops program")
+                cg = None
         elif cgroup is not None:
             raise ConfigError("cgroup= scopes the sockops program: it cannot be combined with sockops=False")
         ports = sorted(self._filter.ports) if self._filter.ports else []
