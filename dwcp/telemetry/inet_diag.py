@@ -191,6 +191,7 @@ class InetDiagSource:
         self._known: dict[int, FlowSample] = {}
         self._events: list[FlowEvent] = []
         self._last_scan_ns = 0
+        self._scans = self._scans_at_events = 0
         self._closed = False
         self._baseline = True
         self.snapshot()  # the flows that exist now are the baseline, not "open" events
@@ -237,6 +238,7 @@ class InetDiagSource:
             self._baseline = False
             self._known = current
             self._last_scan_ns = self._clock_ns()
+            self._scans += 1
             return list(current.values())
 
     def _infer_events(self, current: dict[int, FlowSample], now: int) -> None:
@@ -250,12 +252,14 @@ class InetDiagSource:
                                               self.name, s.netns, s.state, "CLOSE", s.pid))
 
     def events(self) -> list[FlowEvent]:
-        """Opens and closes seen since the last call. Rescans unless a snapshot was taken in the last
-        ``EVENT_RESCAN_NS`` (so snapshot() then events() in one poll costs one netlink query)."""
-        if self._clock_ns() - self._last_scan_ns > EVENT_RESCAN_NS:
+        """Opens and closes seen since the last call. Rescans unless a snapshot was taken since the
+        previous call and within ``EVENT_RESCAN_NS`` (so snapshot() then events() in one poll costs
+        one netlink query)."""
+        if self._scans_at_events == self._scans or self._clock_ns() - self._last_scan_ns > EVENT_RESCAN_NS:
             self.snapshot()
         with self._lock:
             out, self._events = self._events, []
+            self._scans_at_events = self._scans
         return out
 
     def close(self) -> None:
