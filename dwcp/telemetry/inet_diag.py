@@ -121,12 +121,31 @@ def _in_netns(path: str, fn: Callable[[], Any]) -> Any:
     return box["result"]
 
 
-def _open_diag_socket() -> Any:
+NETLINK_SOCK_DIAG = 4
+
+
+def _raw_diag_socket() -> int:
+    """A sock_diag netlink socket of the calling thread's namespace, as a detached fd."""
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG).detach()
+
+
+def _open_diag_socket(fileno: int | None = None) -> Any:
+    """pyroute2's DiagSocket, over ``fileno`` when given (a socket made inside another namespace:
+    pyroute2 opens its socket lazily, possibly in another thread, so the fd must exist first)."""
     try:
         from pyroute2 import DiagSocket  # type: ignore[import-untyped]  # no stubs
+        from pyroute2.netlink.diag import MarshalDiag  # type: ignore[import-untyped]
+        from pyroute2.netlink.nlsocket import NetlinkSocket  # type: ignore[import-untyped]
     except ImportError as e:
+        if fileno is not None:
+            os.close(fileno)
         raise CapabilityError(f"the inet_diag source needs pyroute2 ({e}); pip install pyroute2") from e
-    ds = DiagSocket()
+    if fileno is None:
+        ds = DiagSocket()
+    else:
+        ds = DiagSocket.__new__(DiagSocket)
+        NetlinkSocket.__init__(ds, NETLINK_SOCK_DIAG, fileno=fileno)
+        ds.set_marshal(MarshalDiag())
     try:
         ds.bind()
     except BaseException:
@@ -186,7 +205,7 @@ class InetDiagSource:
             if self._netns == 0:
                 raise ConfigError(f"network namespace {netns!r} ({path}) does not exist; "
                                   "list them with `ip netns list`")
-            self._ds = _in_netns(path, _open_diag_socket)
+            self._ds = _open_diag_socket(_in_netns(path, _raw_diag_socket))
         self._lock = threading.Lock()
         self._known: dict[int, FlowSample] = {}
         self._events: list[FlowEvent] = []
