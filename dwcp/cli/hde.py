@@ -85,30 +85,38 @@ def _report(stats: Any, show: bool, as_json: bool) -> None:
         print(f"level: {j['level']['reason']}", file=out)
 
 
-def _copy_file(path: str, out_fd: int, length: int) -> None:
-    """Copy the first length bytes of path into out_fd inside the kernel: copy_file_range on the same
-    filesystem, sendfile across filesystems (copy_file_range says EXDEV there), plain reads last."""
-    with open(path, "rb") as src:
-        done = 0
-        how = "copy_file_range"
-        while done < length:
-            try:
-                if how == "copy_file_range":
-                    k = os.copy_file_range(src.fileno(), out_fd, length - done, done, done)
-                elif how == "sendfile":
-                    os.lseek(out_fd, done, os.SEEK_SET)
-                    k = os.sendfile(out_fd, src.fileno(), done, length - done)
-                else:
-                    data = os.pread(src.fileno(), min(16 << 20, length - done), done)
-                    k = os.pwrite(out_fd, data, done) if data else 0
-            except OSError as e:
-                if how == "read" or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise click.ClickException(f"cannot copy {path} into the output: {e.strerror}") from None
-                how = "sendfile" if how == "copy_file_range" else "read"
-                continue
-            if k <= 0:
-                raise click.ClickException(f"{path} ended after {done:,} of {length:,} bytes while copying it")
-            done += k
+def _copy_range(src_fd: int, out_fd: int, start: int, end: int, what: str) -> None:
+    """Copy bytes [start, end) of src into the same place of out inside the kernel: copy_file_range on
+    the same filesystem, sendfile across filesystems (copy_file_range says EXDEV there), reads last."""
+    done = start
+    how = "copy_file_range"
+    while done < end:
+        try:
+            if how == "copy_file_range":
+                k = os.copy_file_range(src_fd, out_fd, end - done, done, done)
+            elif how == "sendfile":
+                k = _sendfile_at(out_fd, src_fd, done, end - done)
+            else:
+                data = os.pread(src_fd, min(16 << 20, end - done), done)
+                k = os.pwrite(out_fd, data, done) if data else 0
+        except OSError as e:
+            if how == "read" or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise click.ClickException(f"cannot copy {what} into the output: {e.strerror}") from None
+            how = "sendfile" if how == "copy_file_range" else "read"
+            continue
+        if k <= 0:
+            raise click.ClickException(f"{what} ended after {done:,} bytes while copying it")
+        done += k
+
+
+def _sendfile_at(out_fd: int, src_fd: int, offset: int, count: int) -> int:
+    # sendfile writes at the output's file position, which threads share: use a private descriptor.
+    fd = os.open(f"/proc/self/fd/{out_fd}", os.O_WRONLY)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.sendfile(fd, src_fd, offset, count)
+    finally:
+        os.close(fd)
 
 
 def _decode_mapped(fn: Any, delta: Any, fd: int, n: int, threads: int | None, *, populate: bool) -> Any:
@@ -181,19 +189,31 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
             if header.has_base and not base_path:
                 raise click.ClickException(f"{delta_path} was made against a base of {header.base_length:,} "
                                            "bytes: pass it with --base")
-            base = stack.enter_context(_mapped(base_path)) if base_path and header.has_base else None
             f = stack.enter_context(_output(output))
             n = header.new_length
+            if n and base_path and header.has_base and header.mode is Mode.PAGE:
+                # Page mode against a base: most pages are unchanged. Copy the base into the output in
+                # the kernel (copy_file_range: no pass through user space), batch by batch just before
+                # each is patched in place, so copying overlaps patching; unchanged pages are never
+                # touched again.
+                if os.path.getsize(base_path) != header.base_length:
+                    raise DWCPError(f"{base_path} has {os.path.getsize(base_path):,} bytes; the delta was made "
+                                    f"against a base of {header.base_length:,}: it is not the same version")
+                os.ftruncate(f.fileno(), n)
+                src = stack.enter_context(open(base_path, "rb"))
+                have = min(n, header.base_length)
+
+                def fill(off: int, size: int) -> None:
+                    if off < have:
+                        _copy_range(src.fileno(), f.fileno(), off, min(off + size, have), base_path)
+
+                stats = _decode_mapped(lambda d, out, threads: codec.apply(d, out, threads=threads,
+                                                                         before_batch=fill),
+                                       delta, f.fileno(), n, threads, populate=False)
+                return _report(stats, show, as_json)
+            base = stack.enter_context(_mapped(base_path)) if base_path and header.has_base else None
             if n == 0:
                 stats = codec.decode_into(delta, base, bytearray(), threads=threads)
-            elif base is not None and header.mode is Mode.PAGE:
-                # Page mode against a base: most pages are unchanged. Copy the base into the output in
-                # the kernel (copy_file_range: no pass through user space), then patch only the
-                # changed pages in place -- the unchanged ones are never touched again.
-                assert base_path is not None
-                _copy_file(base_path, f.fileno(), min(n, header.base_length))
-                os.ftruncate(f.fileno(), n)
-                stats = _decode_mapped(codec.apply, delta, f.fileno(), n, threads, populate=False)
             else:
                 os.ftruncate(f.fileno(), n)
                 with contextlib.suppress(OSError):

@@ -436,11 +436,17 @@ def decode(delta: Any, base: Any = None, *, threads: int | None = None) -> tuple
     return out, stats
 
 
-def apply(delta: Any, target: Any, *, threads: int | None = None) -> HdeStats:
+def apply(delta: Any, target: Any, *, threads: int | None = None,
+          before_batch: Callable[[int, int], None] | None = None) -> HdeStats:
     """Patch target in place: its first base_length bytes hold the base, and it must already have the
     new length (resize it first if the image grew). Each batch is rebuilt in scratch and verified
     before its pages are written, so a corrupt or mismatched batch raises ProtocolError and leaves that
-    batch's pages untouched (earlier batches are already applied: the caller must resend in full)."""
+    batch's pages untouched (earlier batches are already applied: the caller must resend in full).
+
+    Page mode: before_batch(offset, size), if given, runs in the worker just before the batch covering
+    target[offset:offset + size] is applied -- a batch reads only its own region of the base, so the
+    caller can fill the target region by region (the CLI copies the base file in while other batches
+    are being applied)."""
     dv = _view(delta, "delta")
     header = parse_header(dv)
     tv = _view(target, "target", writable=True)
@@ -464,6 +470,8 @@ def apply(delta: Any, target: Any, *, threads: int | None = None) -> HdeStats:
     with _Pool(min(nthreads, max(1, len(refs))), span) as pool:
         def work(i: int) -> None:
             r = refs[i]
+            if before_batch is not None:
+                before_batch(r.image_offset, r.image_bytes)
             b = _base_part(bv, header, r.image_offset, r.image_bytes)
             scratch = memoryview(pool.scratch(span))[:r.image_bytes]
             pool.ctx().decode_batch(dv[r.frame_offset:r.frame_offset + r.frame_bytes], header.page_size, b,
