@@ -11,6 +11,8 @@ no privileges), ``tcp_info`` (registered sockets only). ``DWCP_TELEMETRY`` force
 docs/telemetry.md.
 """
 
+from typing import Any
+
 from dwcp.telemetry.inet_diag import InetDiagSource
 from dwcp.telemetry.monitor import LinkMonitor, PeerEstimate
 from dwcp.telemetry.sample import FlowEvent, FlowFilter, FlowSample
@@ -21,3 +23,12 @@ from dwcp.telemetry.tier import Tier, TierDecision, TierDetector, TierThresholds
 __all__ = ["SOURCES", "FlowEvent", "FlowFilter", "FlowSample", "FlowSource", "InetDiagSource", "LinkMonitor",
            "PeerEstimate", "TcpInfoSource", "Tier", "TierDecision", "TierDetector", "TierThresholds",
            "open_source", "source_info"]
+
+
+def __getattr__(name: str) -> Any:
+    """``EbpfSource`` and ``ebpf_available`` load the compiled ``dwcp._ebpf`` extension, so they are
+    imported on first use (an ImportError then says the eBPF build is missing)."""
+    if name in ("EbpfSource", "ebpf_available"):
+        import importlib
+        return getattr(importlib.import_module("dwcp.telemetry.ebpf_source"), name)
+    raise AttributeError(f"module 'dwcp.telemetry' has no attribute {name!r}")
