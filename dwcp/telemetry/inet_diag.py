@@ -213,7 +213,11 @@ class InetDiagSource:
         self._scans = self._scans_at_events = 0
         self._closed = False
         self._baseline = True
-        self.snapshot()  # the flows that exist now are the baseline, not "open" events
+        try:
+            self.snapshot()  # the flows that exist now are the baseline, not "open" events
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def netns(self) -> int:
