@@ -148,6 +148,16 @@ cdef class Programs:
                 raise CapabilityError(f"reading the eBPF flow map failed: {strerror(-rc).decode()}")
             return [_flow_dict(&fl[i]) for i in range(n)]
 
+    def seed(self):
+        """Walk the TCP sockets of this process's network namespace (iter/tcp) so that flows older
+        than the programs get their entry and open event now. tp_btf mode only (no-op otherwise);
+        the constructor already did it once."""
+        cdef int rc = 0
+        with self._lock:
+            rc = dwcp_ebpf_seed(self._live())
+        if rc:
+            raise CapabilityError(f"walking the TCP sockets with iter/tcp failed: {strerror(-rc).decode()}")
+
     def forget(self, uint64_t cookie):
         """Delete one flow from the map; False when it was not there."""
         with self._lock:

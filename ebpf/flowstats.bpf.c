@@ -287,6 +287,43 @@ int dwcp_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 	return state_core(cookie, sk, (struct tcp_sock *)sk, oldstate, newstate);
 }
 
+/* One pass over the TCP sockets of the reader's network namespace (the loader reads this iterator once
+ * after attaching): flows that existed before the programs were attached get their entry and open
+ * event at once instead of at their next segment. Loaded with the tp_btf variant only. */
+SEC("iter/tcp")
+int dwcp_seed(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct dwcp_flow *f;
+	struct tcp_sock *tp;
+	__u64 cookie;
+	int state;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;      /* request and time-wait sockets */
+	state = skc->skc_state;
+	if (state == TCP_LISTEN || state == TCP_SYN_SENT || state == TCP_SYN_RECV || state == TCP_CLOSE)
+		return 0;
+	cookie = bpf_get_socket_cookie(skc);
+	f = bpf_map_lookup_elem(&dwcp_flows, &cookie);
+	if (!f) {
+		f = create_flow(cookie, (const struct sock *)tp, (__u8)state);
+		if (!f)
+			return 0;
+	}
+	f->state = (__u8)state;
+	fill_btf(f, tp);
+	f->ts_ns = bpf_ktime_get_ns();
+	f->updates++;
+	f->flags |= DWCP_FLOW_BY_STATE;
+	if (!(f->flags & DWCP_FLOW_OPEN_SENT))
+		emit(f, DWCP_EV_OPEN, 0, state);
+	return 0;
+}
+
 /* Per-ACK samples for sockets of the cgroup this program is attached to. RTT callbacks must be
  * enabled per socket when it becomes established, so sockets that existed before attaching are never
  * seen here (the tracepoints still see them). Only flows the tracepoints admitted are updated. */

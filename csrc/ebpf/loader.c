@@ -174,6 +174,7 @@ static int load_attach(struct dwcp_ebpf *h, const struct dwcp_ebpf_opts *o, int 
 	bpf_program__set_autoload(s->progs.dwcp_state_btf, btf);
 	bpf_program__set_autoload(s->progs.dwcp_probe_tp, !btf);
 	bpf_program__set_autoload(s->progs.dwcp_state_tp, !btf);
+	bpf_program__set_autoload(s->progs.dwcp_seed, btf);
 	bpf_program__set_autoload(s->progs.dwcp_sockops, o->cgroup != NULL);
 	rc = bpf_map__set_max_entries(s->maps.dwcp_flows, o->flows_max ? o->flows_max : DWCP_FLOWS_MAX_ENTRIES);
 	if (rc) {
@@ -220,6 +221,47 @@ static int load_attach(struct dwcp_ebpf *h, const struct dwcp_ebpf_opts *o, int 
 fail:
 	dwcp_fs__destroy(s);
 	return rc ? rc : -EINVAL;
+}
+
+/* Run the iter/tcp program once over this namespace's sockets (it writes nothing: reading to EOF is
+ * the walk). Only loaded in tp_btf mode. */
+static int seed(struct dwcp_ebpf *h)
+{
+	struct bpf_link *link;
+	char buf[256];
+	ssize_t n;
+	int fd, rc = 0;
+
+	if (bpf_program__fd(h->skel->progs.dwcp_seed) < 0)
+		return 0;
+	link = bpf_program__attach_iter(h->skel->progs.dwcp_seed, NULL);
+	if (!link)
+		return -errno;
+	fd = bpf_iter_create(bpf_link__fd(link));
+	if (fd < 0) {
+		rc = -errno;
+	} else {
+		while ((n = read(fd, buf, sizeof(buf))) != 0) {
+			if (n < 0 && errno != EINTR) {
+				rc = -errno;
+				break;
+			}
+		}
+		close(fd);
+	}
+	bpf_link__destroy(link);
+	return rc;
+}
+
+int dwcp_ebpf_seed(struct dwcp_ebpf *h)
+{
+	struct logbuf lb;
+	int rc;
+
+	log_begin(&lb);
+	rc = seed(h);
+	log_end();
+	return rc;
 }
 
 int dwcp_ebpf_open(const struct dwcp_ebpf_opts *o, struct dwcp_ebpf **out, char *err, size_t errlen)
@@ -274,6 +316,11 @@ int dwcp_ebpf_open(const struct dwcp_ebpf_opts *o, struct dwcp_ebpf **out, char 
 	if (!h->rb) {
 		rc = -errno;
 		seterr(err, errlen, NULL, "creating the ring-buffer reader failed: %s", strerror(-rc));
+		goto fail;
+	}
+	rc = dwcp_ebpf_seed(h);
+	if (rc) {
+		seterr(err, errlen, NULL, "walking the existing TCP sockets (iter/tcp) failed: %s", strerror(-rc));
 		goto fail;
 	}
 	*out = h;

@@ -66,6 +66,7 @@ cdef extern from "dwcp/ebpf.h" nogil:
     const char *dwcp_ebpf_hook_reason(const dwcp_ebpf *h)
     int dwcp_ebpf_has_sockops(const dwcp_ebpf *h)
     int dwcp_ebpf_read_flows(dwcp_ebpf *h, const dwcp_flow **flows, size_t *n)
+    int dwcp_ebpf_seed(dwcp_ebpf *h)
     int dwcp_ebpf_forget(dwcp_ebpf *h, uint64_t cookie)
     int dwcp_ebpf_poll(dwcp_ebpf *h, int timeout_ms, const dwcp_event **events, size_t *n)
     uint64_t dwcp_ebpf_events_dropped(const dwcp_ebpf *h)

@@ -12,6 +12,8 @@ What is attached (see ebpf/README.md and docs/telemetry.md):
   one): per-segment update of the flow's counters, keyed by socket cookie;
 - ``sock/inet_sock_set_state``: open events (a flow reaching ESTABLISHED, or first seen by
   tcp_probe if it existed before) and close events (TCP_CLOSE, with the final counters);
+- ``iter/tcp`` (tp_btf mode), walked once at open: the flows that already existed in this process's
+  namespace, so they are in the first snapshot;
 - a ``sockops`` program on a cgroup v2 directory (default: the cgroup2 root, so every process): per-ACK
   RTT/rate updates right after the ACK is processed. It only sees connections established after it was
   attached; the tracepoints see the older ones.
@@ -252,7 +254,8 @@ class EbpfSource:
 
     def events(self) -> list[FlowEvent]:
         """Opens and closes since the previous call, oldest first. A flow that existed before the
-        programs were attached gets an open event when tcp_probe first sees it (``old_state`` "")."""
+        programs were attached gets an open event with ``old_state`` "": at once for this namespace in
+        tp_btf mode (the iter/tcp walk at open), else when tcp_probe first sees it."""
         with self._lock:
             out: list[FlowEvent] = []
             for kind, old, new, f in self._p.poll(0):

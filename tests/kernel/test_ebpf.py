@@ -250,7 +250,8 @@ def test_close_leaves_no_program_or_map(ebpf_ready: None) -> None:
 
     src = EbpfSource()
     progs, maps = src.kernel_ids()
-    assert len(progs) == 3 and len(maps) >= 2           # probe + state + sockops; flows, events, ...
+    # probe + state + sockops (+ the iter/tcp seeding program in tp_btf mode); flows, events, rodata, bss
+    assert len(progs) == (4 if src.hook == "tp_btf" else 3) and len(maps) >= 2
     live_progs, live_maps = bpftool_objects("prog"), bpftool_objects("map")
     assert all(live_progs[i].startswith("dwcp_") for i in progs), {i: live_progs.get(i) for i in progs}
     names = {live_maps[i] for i in maps}
@@ -382,3 +383,26 @@ def test_feature_report_and_unprivileged_reason(ebpf_ready: None) -> None:
     (ok, why), feature = json.loads(out.stdout)
     assert not ok and "CAP_BPF" in why and "root" in why
     assert feature == {"available": False, "reason": why}
+
+
+@kernel
+def test_flows_older_than_the_programs_are_seen_at_once(ebpf_ready: None) -> None:
+    """tp_btf mode walks the namespace's sockets with iter/tcp when it attaches: idle flows that existed
+    before show up (with an open event whose old_state is empty) without waiting for traffic."""
+    from tests.conftest import tcp_pairs
+
+    from dwcp.telemetry.ebpf_source import EbpfSource
+
+    a, b = tcp_pairs(3)
+    try:
+        cookies = {cookie(x) for x in a + b}
+        with EbpfSource(hook="tp_btf") as src:
+            snap = by_cookie(src.snapshot())
+            assert cookies <= set(snap)
+            assert all(snap[c].state == "ESTABLISHED" and snap[c].netns == os.stat("/proc/self/ns/net").st_ino
+                       for c in cookies)
+            opens = {e.cookie: e for e in src.events() if e.kind == "open"}
+            assert cookies <= set(opens) and all(opens[c].old_state == "" for c in cookies)
+    finally:
+        for x in a + b:
+            x.close()

@@ -41,6 +41,9 @@ int dwcp_ebpf_has_sockops(const struct dwcp_ebpf *h);
 
 /* All entries of the per-flow map into a buffer owned by h (valid until the next call). */
 int dwcp_ebpf_read_flows(struct dwcp_ebpf *h, const struct dwcp_flow **flows, size_t *n);
+/* Walk the TCP sockets of the caller's network namespace once (iter/tcp, tp_btf mode only; a no-op in
+ * tracepoint mode) so that flows older than the programs appear at once. dwcp_ebpf_open does it. */
+int dwcp_ebpf_seed(struct dwcp_ebpf *h);
 /* Remove one flow from the map (after its close event was delivered). -ENOENT if absent. */
 int dwcp_ebpf_forget(struct dwcp_ebpf *h, uint64_t cookie);
 /* Drain the ring buffer, waiting up to timeout_ms (0: don't wait) for the first record. Records go
