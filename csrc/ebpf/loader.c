@@ -19,7 +19,7 @@ struct dwcp_ebpf {
 	struct ring_buffer *rb;
 	int hook;
 	int sockops;
-	char reason[512];
+	char reason[1024];
 	struct dwcp_flow *flows;
 	size_t flows_cap;
 	struct dwcp_event *events;
@@ -28,49 +28,120 @@ struct dwcp_ebpf {
 };
 
 /* libbpf's log lines, collected per thread while one of our calls runs (else dropped, so a failed
- * tp_btf attempt does not spill verifier output on stderr). The tail is kept. */
+ * tp_btf attempt does not spill verifier output on stderr). Kept: the first line that says what failed,
+ * the verifier's verdict when a program was rejected, and the tail of everything. */
 #define LOG_BYTES 2048
+#define LINE_BYTES 240
 struct logbuf {
 	char text[LOG_BYTES];
 	size_t len;
+	char failure[LINE_BYTES];
+	char verdict[LINE_BYTES];
 };
 static __thread struct logbuf *tls_log;
+
+static void copy_line(char *dst, const char *src, size_t n)
+{
+	size_t i;
+
+	if (n >= LINE_BYTES)
+		n = LINE_BYTES - 1;
+	for (i = 0; i < n; i++)
+		dst[i] = (src[i] == '\t') ? ' ' : src[i];
+	dst[n] = '\0';
+}
+
+/* The verifier's verdict in a "-- BEGIN PROG LOAD LOG --" message: the last non-empty line before the
+ * "processed N insns" statistics line, else the last non-empty line before the END marker. */
+static void find_verdict(struct logbuf *lb, const char *msg)
+{
+	const char *end = strstr(msg, "-- END PROG LOAD LOG --");
+	const char *p = msg, *prev = NULL, *last = NULL;
+	size_t prev_n = 0, last_n = 0;
+
+	if (!end || lb->verdict[0])
+		return;
+	while (p < end) {
+		const char *nl = memchr(p, '\n', (size_t)(end - p));
+		size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p);
+
+		if (n && strncmp(p, "processed ", 10) == 0 && prev) {
+			copy_line(lb->verdict, prev, prev_n);
+			return;
+		}
+		if (n && !strstr(p, "-- BEGIN PROG LOAD LOG --")) {
+			prev = p;
+			prev_n = n;
+			last = p;
+			last_n = n;
+		}
+		if (!nl)
+			break;
+		p = nl + 1;
+	}
+	if (last)
+		copy_line(lb->verdict, last, last_n);
+}
 
 static int print_fn(enum libbpf_print_level level, const char *fmt, va_list ap)
 {
 	struct logbuf *lb = tls_log;
-	char line[512];
-	int n;
+	char *msg = NULL;
+	const char *tail, *f;
 	size_t len;
+	int n;
 
 	if (!lb || level == LIBBPF_DEBUG)
 		return 0;
-	n = vsnprintf(line, sizeof(line), fmt, ap);
-	if (n <= 0)
+	n = vasprintf(&msg, fmt, ap);
+	if (n <= 0 || !msg) {
+		free(msg);
 		return 0;
-	len = (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1;
-	if (len >= LOG_BYTES)
-		return 0;
+	}
+	len = (size_t)n;
+	f = strstr(msg, "failed");
+	if (f && !lb->failure[0]) {
+		const char *b = f, *e = strchr(f, '\n');
+
+		while (b > msg && b[-1] != '\n')
+			b--;
+		if (strncmp(b, "libbpf: ", 8) == 0)
+			b += 8;
+		copy_line(lb->failure, b, e ? (size_t)(e - b) : strlen(b));
+	}
+	find_verdict(lb, msg);
+	tail = msg;
+	if (len >= LOG_BYTES / 2) {
+		tail = msg + len - LOG_BYTES / 2;
+		len = LOG_BYTES / 2;
+	}
 	if (lb->len + len >= LOG_BYTES) {
-		/* keep the newest half */
-		size_t keep = LOG_BYTES / 2 < lb->len ? LOG_BYTES / 2 : lb->len;
+		/* keep the newest part */
+		size_t keep = LOG_BYTES / 2 - 1 < lb->len ? LOG_BYTES / 2 - 1 : lb->len;
+
 		memmove(lb->text, lb->text + lb->len - keep, keep);
 		lb->len = keep;
-		if (lb->len + len >= LOG_BYTES)
-			lb->len = 0;
 	}
-	memcpy(lb->text + lb->len, line, len);
+	memcpy(lb->text + lb->len, tail, len);
 	lb->len += len;
 	lb->text[lb->len] = '\0';
+	free(msg);
 	return 0;
+}
+
+static void log_reset(struct logbuf *lb)
+{
+	lb->len = 0;
+	lb->text[0] = '\0';
+	lb->failure[0] = '\0';
+	lb->verdict[0] = '\0';
 }
 
 static void log_begin(struct logbuf *lb)
 {
 	static int print_set;
 
-	lb->len = 0;
-	lb->text[0] = '\0';
+	log_reset(lb);
 	if (!__atomic_exchange_n(&print_set, 1, __ATOMIC_SEQ_CST))
 		libbpf_set_print(print_fn);
 	tls_log = lb;
@@ -81,34 +152,23 @@ static void log_end(void)
 	tls_log = NULL;
 }
 
-/* The last non-empty line of the libbpf log (the most specific one), flattened. */
-static void log_last_lines(const struct logbuf *lb, char *out, size_t outlen)
+/* The last non-empty line of the log, flattened. */
+static void log_last_line(const struct logbuf *lb, char *out)
 {
 	size_t end = lb->len, start;
-	size_t i, n;
 
-	if (!outlen)
-		return;
-	out[0] = '\0';
 	while (end > 0 && (lb->text[end - 1] == '\n' || lb->text[end - 1] == ' '))
 		end--;
 	start = end;
 	while (start > 0 && lb->text[start - 1] != '\n')
 		start--;
-	n = end - start;
-	if (n >= outlen)
-		n = outlen - 1;
-	for (i = 0; i < n; i++) {
-		char c = lb->text[start + i];
-		out[i] = (c == '\t') ? ' ' : c;
-	}
-	out[n] = '\0';
+	copy_line(out, lb->text + start, end - start);
 }
 
 static void seterr(char *err, size_t errlen, const struct logbuf *lb, const char *fmt, ...)
 {
 	va_list ap;
-	char tail[400];
+	char last[LINE_BYTES];
 	int n;
 
 	if (!err || !errlen)
@@ -118,9 +178,15 @@ static void seterr(char *err, size_t errlen, const struct logbuf *lb, const char
 	va_end(ap);
 	if (n < 0 || (size_t)n >= errlen || !lb)
 		return;
-	log_last_lines(lb, tail, sizeof(tail));
-	if (tail[0])
-		snprintf(err + n, errlen - (size_t)n, " (libbpf: %s)", tail);
+	if (lb->failure[0] && lb->verdict[0])
+		snprintf(err + n, errlen - (size_t)n, " (libbpf: %s; verifier: %s)", lb->failure, lb->verdict);
+	else if (lb->failure[0])
+		snprintf(err + n, errlen - (size_t)n, " (libbpf: %s)", lb->failure);
+	else {
+		log_last_line(lb, last);
+		if (last[0])
+			snprintf(err + n, errlen - (size_t)n, " (libbpf: %s)", last);
+	}
 }
 
 static const char *hook_name(int hook)
@@ -158,8 +224,7 @@ static int load_attach(struct dwcp_ebpf *h, const struct dwcp_ebpf_opts *o, int 
 	int rc, cgfd;
 	uint32_t i;
 
-	lb->len = 0;
-	lb->text[0] = '\0';
+	log_reset(lb);
 	s = dwcp_fs__open();
 	if (!s) {
 		rc = -errno;
@@ -268,7 +333,7 @@ int dwcp_ebpf_open(const struct dwcp_ebpf_opts *o, struct dwcp_ebpf **out, char 
 {
 	struct dwcp_ebpf *h;
 	struct logbuf lb;
-	char first[384];
+	char first[700];
 	int rc;
 
 	*out = NULL;
