@@ -170,6 +170,8 @@ class EbpfSource:
         if hook is not None and hook not in HOOKS:
             raise ConfigError(f"eBPF hook {hook!r}: choose one of {', '.join(HOOKS)} (or leave it unset "
                               "to try tp_btf and fall back to the tracepoint)")
+        if not 0 <= flows_max < 2**32:
+            raise ConfigError(f"flows_max={flows_max}: the flow map holds 1..2**32-1 entries (0: the default 16384)")
         ok, why = ebpf_available()
         if not ok:
             raise CapabilityError(why)

@@ -366,6 +366,8 @@ def test_bad_options_are_config_errors(ebpf_ready: None) -> None:
     with pytest.raises(ConfigError):
         EbpfSource(hook="kprobe")
     with pytest.raises(ConfigError):
+        EbpfSource(flows_max=-1)
+    with pytest.raises(ConfigError):
         _ebpf.Programs(ports=range(1, 20))
     with pytest.raises(CapabilityError, match="cgroup"):
         EbpfSource(cgroup="/nonexistent-cgroup")
