@@ -5,9 +5,9 @@ It polls a :class:`~dwcp.telemetry.sources.FlowSource` (in a background thread, 
 
 * **bottleneck_bps**: windowed max (``window_s``) of the peer's *aggregate* delivery rate. After every
   poll the bytes acknowledged on all the peer's flows (a DWCP session stripes one transfer over many
-  streams, so the path carries the sum) over the last rate span, max(``rate_span_s``, 2 min RTTs) on
+  streams, so the path carries the sum) over the last rate span, max(``rate_span_s``, ``rate_span_rtts`` (4) min RTTs) on
   the monitor's clock, make one rate sample. That is the kernel's delivery-rate definition taken over
-  at least two RTTs instead of one ACK: the kernel's per-ACK ``delivery_rate`` on loopback and veth is
+  at least four RTTs instead of one ACK: the kernel's per-ACK ``delivery_rate`` on loopback and veth is
   measured over microseconds and reads 100-400 Gbit/s when the goodput is 15, and on a 150 ms path
   per-poll byte deltas between ACK bursts read several times the link rate; both are shown per flow
   but not used here. A sample is app-limited when the kernel marked the latest delivery-rate sample of
@@ -115,7 +115,8 @@ class LinkMonitor:
     def __init__(self, source: FlowSource, *, interval_s: float = 0.1, window_s: float = 10.0,
                  registered_only: bool = False, thresholds: TierThresholds | None = None,
                  clock: Callable[[], float] = time.monotonic, min_samples: int = 5,
-                 min_active_s: float = 0.3, rate_span_s: float = 0.2, plateau_min_s: float = 0.3, plateau_growth: float = 0.1,
+                 min_active_s: float = 0.3, rate_span_s: float = 0.2, rate_span_rtts: float = 4.0,
+                 plateau_min_s: float = 0.3, plateau_growth: float = 0.1,
                  idle_s: float = 1.0) -> None:
         if interval_s <= 0 or window_s <= 0:
             raise ConfigError("LinkMonitor: interval_s and window_s must be > 0")
@@ -128,6 +129,7 @@ class LinkMonitor:
         self.min_samples = min_samples
         self.min_active_s = min_active_s
         self.rate_span_s = rate_span_s
+        self.rate_span_rtts = rate_span_rtts
         self.plateau_min_s = plateau_min_s
         self.plateau_growth = plateau_growth
         self.idle_s = idle_s
@@ -332,13 +334,13 @@ class LinkMonitor:
                 st.counters.clear()  # a new ramp: rates are measured from its start
         elif st.last_active_s is not None and now - st.last_active_s > self.idle_s:
             st.active_since_s = None  # the next burst starts a new ramp
-        # Delivery rate over the last rate span (at least max(rate_span_s, 2 RTTs), so that bursts of
+        # Delivery rate over the last rate span (at least max(rate_span_s, rate_span_rtts RTTs), so that bursts of
         # ACKs on long paths average out): cumulative bytes on the monitor's clock.
         st.acked_total += d_acked_sum
         st.recv_total += d_recv_sum
         st.counters.append((now, st.acked_total, st.recv_total))
         min_rtt_now = min((r for _, r in st.rtts), default=0)
-        span = max(self.rate_span_s, 2 * min_rtt_now / 1e6)
+        span = max(self.rate_span_s, self.rate_span_rtts * min_rtt_now / 1e6)
         goodput = recv_goodput = 0.0
         base = None
         for c in st.counters:
