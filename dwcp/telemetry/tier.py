@@ -156,7 +156,7 @@ class TierDetector:
         self.__init__(self.thresholds)  # type: ignore[misc]
 
     def update(self, est: PeerEstimate) -> TierDecision:
-        th = self.thresholds
+        """Feed the peer's latest estimate; returns the (possibly new) decision."""
         now = est.timestamp_s
         if est.min_rtt_us <= 0 and est.bottleneck_bps <= 0:
             return self.decision
