@@ -5,9 +5,9 @@ It polls a :class:`~dwcp.telemetry.sources.FlowSource` (in a background thread, 
 
 * **bottleneck_bps**: windowed max (``window_s``) of the peer's *aggregate* delivery rate. After every
   poll the bytes acknowledged on all the peer's flows (a DWCP session stripes one transfer over many
-  streams, so the path carries the sum) over the last rate span, max(``rate_span_s``, ``rate_span_rtts`` (4) min RTTs) on
+  streams, so the path carries the sum) over the last rate span, max(``rate_span_s``, ``rate_span_rtts`` (8) min RTTs) on
   the monitor's clock, make one rate sample. That is the kernel's delivery-rate definition taken over
-  at least four RTTs instead of one ACK: the kernel's per-ACK ``delivery_rate`` on loopback and veth is
+  at least eight RTTs instead of one ACK: the kernel's per-ACK ``delivery_rate`` on loopback and veth is
   measured over microseconds and reads 100-400 Gbit/s when the goodput is 15, and on a 150 ms path
   per-poll byte deltas between ACK bursts read several times the link rate; both are shown per flow
   but not used here. A sample is app-limited when the kernel marked the latest delivery-rate sample of
@@ -115,7 +115,7 @@ class LinkMonitor:
     def __init__(self, source: FlowSource, *, interval_s: float = 0.1, window_s: float = 10.0,
                  registered_only: bool = False, thresholds: TierThresholds | None = None,
                  clock: Callable[[], float] = time.monotonic, min_samples: int = 5,
-                 min_active_s: float = 0.3, rate_span_s: float = 0.2, rate_span_rtts: float = 4.0,
+                 min_active_s: float = 0.3, rate_span_s: float = 0.2, rate_span_rtts: float = 8.0,
                  plateau_min_s: float = 0.3, plateau_growth: float = 0.1,
                  idle_s: float = 1.0) -> None:
         if interval_s <= 0 or window_s <= 0:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from dwcp.telemetry import FlowFilter, InetDiagSource, TcpInfoSource
+from dwcp.telemetry import FlowFilter, InetDiagSource, TcpInfoSource, open_source
 from dwcp.telemetry.tcp_info import netns_inode, socket_cookie
 from tests.conftest import tcp_pairs
 
@@ -53,7 +53,7 @@ def transfer(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
 
 
 @kernel
-def test_fallbacks_and_ebpf_give_the_same_flows() -> None:
+def test_fallbacks_and_ebpf_give_the_same_flows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Same cookies, same byte counts: inet_diag == tcp_info exactly (both read tcp_info of a quiet
     socket); eBPF within one MSS (tcp_probe fires on ACK entry, one ACK behind)."""
     from dwcp.telemetry.ebpf_source import EbpfSource, ebpf_available
@@ -66,6 +66,12 @@ def test_fallbacks_and_ebpf_give_the_same_flows() -> None:
             ports = frozenset(s.getsockname()[1] for s in b)
             flt = FlowFilter(ports=ports)
             cookies = {socket_cookie(s) for s in a + b}
+            # BPF forced off: the automatic choice must fall back to inet_diag.
+            monkeypatch.setenv("DWCP_TELEMETRY", "inet_diag")
+            with open_source(flt) as forced:
+                assert forced.name == "inet_diag"
+                assert {s.cookie for s in forced.snapshot()} == cookies
+            monkeypatch.delenv("DWCP_TELEMETRY")
             with TcpInfoSource(flt) as ti, InetDiagSource(flt) as diag:
                 for s in a + b:
                     ti.add(s)

@@ -136,7 +136,7 @@ def test_windowed_min_rtt(clock: Clock) -> None:
 
 
 def test_rate_is_measured_over_several_rtts(clock: Clock) -> None:
-    # 150 ms RTT: bursts of ACKs between polls must not read as the rate. The rate span is 0.6 s.
+    # 150 ms RTT: bursts of ACKs between polls must not read as the rate. The rate span is 1.2 s.
     mon = make(clock)
     f = Flow(1, rtt_us=150_000)
     for i in range(30):
