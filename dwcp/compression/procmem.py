@@ -62,6 +62,7 @@ LAYOUT_SUFFIX = ".layout.json"
 LAYOUT_FORMAT = 1
 _CHUNK_BYTES = 8 << 20
 _PAGE_BYTES = mmap.PAGESIZE
+_ZEROS = bytes(_CHUNK_BYTES)
 
 
 class SnapshotError(DWCPError):
@@ -280,9 +281,10 @@ def _wait_stopped(pid: int, timeout_s: float = 2.0) -> None:
 
 
 class _Unreadable(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, done_bytes: int) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.done_bytes = done_bytes  # copied before the failure
 
 
 def _copy_range(mem_fd: int, out_fd: int, lo: int, hi: int, out_offset: int, buf: bytearray) -> None:
@@ -295,17 +297,18 @@ def _copy_range(mem_fd: int, out_fd: int, lo: int, hi: int, out_offset: int, buf
             got = os.preadv(mem_fd, [view[:n]], addr)
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
-                raise _Unreadable(f"{os.strerror(e.errno)} reading {addr:#x}") from e
+                raise _Unreadable(f"{os.strerror(e.errno)} reading {addr:#x}", addr - lo) from e
             raise
         if got == 0:
             # /proc/PID/mem of a process that has exited (its mm is gone) reads as end of file.
             raise ProcessLookupError(errno.ESRCH, "process memory is gone")
-        os.pwrite(out_fd, view[:got], out_offset + (addr - lo))
+        if not _ZEROS.startswith(view[:got]):  # zero chunks stay holes in the (sparse) image (memcmp, no copy)
+            os.pwrite(out_fd, view[:got], out_offset + (addr - lo))
         addr += got
 
 
 def snapshot_process(pid: int, image_path: str | os.PathLike[str], *, layout: Layout | None = None,
-                     freeze: bool = False) -> Snapshot:
+                     freeze: bool = False, max_bytes: int | None = None) -> Snapshot:
     """Write the private writable memory of process ``pid`` to ``image_path`` as a page-aligned image.
 
     Without ``layout`` the process's current ``rw-p`` mappings become the layout (regions that cannot be
@@ -315,16 +318,22 @@ def snapshot_process(pid: int, image_path: str | os.PathLike[str], *, layout: La
     extended) layout is returned and saved to ``<image_path>.layout.json``; the caller's ``layout`` object
     is not modified.
 
+    Chunks that read as all zeros are not written: the image is a sparse file where the process has
+    zero pages (reads return zeros either way). ``max_bytes`` bounds the image: if the process's writable
+    mappings would make it larger, :class:`SnapshotError` is raised before anything is read. Set it when
+    the target may hold huge reservations that are mostly never touched (a sanitizer's shadow memory,
+    a garbage collector's arenas), which would otherwise be read page by page.
+
     Raises :class:`NoSuchProcessError` if the process does not exist or exits meanwhile,
     :class:`ProcessAccessError` if its memory may not be read, :class:`SnapshotError` on other failures
-    (including an I/O error on the image file)."""
+    (including an I/O error on the image file, after which no partial image is left)."""
     if layout is not None and layout.page_bytes != _PAGE_BYTES:
         raise SnapshotError(f"layout page size {layout.page_bytes} differs from this host's {_PAGE_BYTES}")
     base = Layout(page_bytes=_PAGE_BYTES, regions=list(layout.regions) if layout else [],
                   skipped=list(layout.skipped) if layout else [])
     image = Path(image_path)
     buf = bytearray(_CHUNK_BYTES)
-    read_bytes = unmapped_bytes = 0
+    read_bytes = 0
     try:
         mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     except OSError as e:
@@ -334,10 +343,19 @@ def snapshot_process(pid: int, image_path: str | os.PathLike[str], *, layout: La
     except OSError as e:
         os.close(mem_fd)
         raise SnapshotError(f"cannot create image file {image}: {e}") from e
+    ok = False
     try:
         with _frozen(pid, freeze):
             current = read_writable_regions(pid)
             mapped = [(r.start, r.end) for r in current]
+            covered = _merge([(r.start, r.end) for r in base.regions] + [(x.start, x.end) for x in base.skipped])
+            new = [(lo, hi, cr.name) for cr in current for lo, hi in _subtract([(cr.start, cr.end)], covered)]
+            planned = base.total_bytes + sum(hi - lo for lo, hi, _ in new)
+            if max_bytes is not None and planned > max_bytes:
+                raise SnapshotError(
+                    f"process {pid} has {planned:,} bytes of writable memory to snapshot, over max_bytes="
+                    f"{max_bytes:,}; raise the limit if that is expected (huge untouched reservations such as a "
+                    "sanitizer's shadow memory also count)")
             # 1. Layout regions, each at its fixed offset: read what is still mapped, zeros elsewhere.
             pos = 0
             for r in base.regions:
@@ -350,34 +368,36 @@ def snapshot_process(pid: int, image_path: str | os.PathLike[str], *, layout: La
                                     pid, r.name or "anon", lo, hi, u.reason)
                 pos += r.size_bytes
             # 2. Writable memory not in the layout yet, appended in address order.
-            covered = sorted((r.start, r.end) for r in base.regions)
-            covered += sorted((s.start, s.end) for s in base.skipped)
-            covered.sort()
             appended = 0
-            for cr in current:
-                for lo, hi in _subtract([(cr.start, cr.end)], _merge(covered)):
-                    try:
-                        _copy_range(mem_fd, out_fd, lo, hi, pos, buf)
-                    except _Unreadable as u:
-                        base.skipped.append(SkippedRegion(lo, hi, cr.name, u.reason))
-                        log.info("pid %d: skipping %s %#x-%#x: %s", pid, cr.name or "anon", lo, hi, u.reason)
-                        continue
-                    base.regions.append(Region(lo, hi, cr.name))
-                    read_bytes += hi - lo
-                    pos += hi - lo
-                    appended += 1
-            unmapped_bytes = pos - read_bytes
+            for lo, hi, name in new:
+                try:
+                    _copy_range(mem_fd, out_fd, lo, hi, pos, buf)
+                except _Unreadable as u:
+                    # what was copied before the failure must not show through the holes of what comes next
+                    for off in range(0, u.done_bytes, _CHUNK_BYTES):
+                        os.pwrite(out_fd, _ZEROS[:min(_CHUNK_BYTES, u.done_bytes - off)], pos + off)
+                    base.skipped.append(SkippedRegion(lo, hi, name, u.reason))
+                    log.info("pid %d: skipping %s %#x-%#x: %s", pid, name or "anon", lo, hi, u.reason)
+                    continue
+                base.regions.append(Region(lo, hi, name))
+                read_bytes += hi - lo
+                pos += hi - lo
+                appended += 1
             os.ftruncate(out_fd, pos)
+        ok = True
     except OSError as e:
         raise _proc_error(pid, f"snapshot to {image}", e) from e
     finally:
         os.close(out_fd)
         os.close(mem_fd)
+        if not ok:
+            image.unlink(missing_ok=True)
     lp = layout_path(image)
     try:
         base.save(lp)
     except OSError as e:
         raise SnapshotError(f"cannot write layout file {lp}: {e}") from e
+    unmapped_bytes = pos - read_bytes
     log.debug("pid %d: %d bytes to %s (%d read, %d zero-filled, %d regions appended)",
               pid, pos, image, read_bytes, unmapped_bytes, appended)
     return Snapshot(image_path=image, layout_path=lp, layout=base, size_bytes=pos, read_bytes=read_bytes,

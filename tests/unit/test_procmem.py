@@ -44,13 +44,23 @@ CHILD = textwrap.dedent(r"""
             print("ok", flush=True)
         elif cmd == "new":         # new NAME PAGES FILL
             new(args[0], int(args[1]), int(args[2]))
+        elif cmd == "zeros":       # zeros NAME PAGES: mapped, never written
+            m = mmap.mmap(-1, int(args[1]) * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
+            bufs[args[0]] = m
+            print(args[0], ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 """)
+
+
+# Under `make sanitize` the suite runs with LD_PRELOAD=libasan: a child inheriting it maps terabytes of
+# shadow memory (rw-p, never touched) that a snapshot would read page by page. The child is not under test.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
+LIMIT = 1 << 30  # every snapshot here is a few MiB; a runaway one fails instead of filling the disk
 
 
 class Child:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=CLEAN_ENV)
         self.addr = {}
         for _ in range(2):
             name, addr = self.read().split()
@@ -99,7 +109,7 @@ def page_at(image: Path, off: int) -> bytes:
 
 
 def test_first_snapshot_holds_the_childs_bytes(child: Child, tmp_path: Path) -> None:
-    snap = procmem.snapshot_process(child.pid, tmp_path / "s0", freeze=True)
+    snap = procmem.snapshot_process(child.pid, tmp_path / "s0", freeze=True, max_bytes=LIMIT)
     assert snap.size_bytes == (tmp_path / "s0").stat().st_size == snap.layout.total_bytes
     assert snap.size_bytes % PAGE == 0 and snap.read_bytes == snap.size_bytes and snap.unmapped_bytes == 0
     assert snap.appended_regions == len(snap.layout.regions) > 0
@@ -116,12 +126,12 @@ def test_first_snapshot_holds_the_childs_bytes(child: Child, tmp_path: Path) -> 
 
 
 def test_layout_is_stable_across_changes(child: Child, tmp_path: Path) -> None:
-    s0 = procmem.snapshot_process(child.pid, tmp_path / "s0")
+    s0 = procmem.snapshot_process(child.pid, tmp_path / "s0", max_bytes=LIMIT)
     off_a, off_b = image_offset(s0.layout, child.addr["a"]), image_offset(s0.layout, child.addr["b"])
     assert child.send("poke a 3 250") == "ok\n"
     name, addr = child.send("new c 3 40").split()  # before b goes, so c cannot land on b's addresses
     assert child.send("unmap b") == "ok\n"
-    s1 = procmem.snapshot_process(child.pid, tmp_path / "s1", layout=s0.layout, freeze=True)
+    s1 = procmem.snapshot_process(child.pid, tmp_path / "s1", layout=s0.layout, freeze=True, max_bytes=LIMIT)
     # every region of the old layout keeps its offset; the new buffer is appended past the old end
     assert s1.layout.regions[:len(s0.layout.regions)] == s0.layout.regions
     assert s1.size_bytes >= s0.size_bytes
@@ -141,7 +151,7 @@ def test_layout_is_stable_across_changes(child: Child, tmp_path: Path) -> None:
     for i in range(3):
         assert page_at(s1.image_path, off_c + i * PAGE) == bytes([40 + i]) * PAGE
     # a third snapshot with the extended layout appends nothing new for c
-    s2 = procmem.snapshot_process(child.pid, tmp_path / "s2", layout=s1.layout)
+    s2 = procmem.snapshot_process(child.pid, tmp_path / "s2", layout=s1.layout, max_bytes=LIMIT)
     assert image_offset(s2.layout, int(addr)) == off_c
     assert s2.layout.regions[:len(s1.layout.regions)] == s1.layout.regions
 
@@ -155,10 +165,10 @@ def test_region_arithmetic() -> None:
 
 
 def test_no_such_process(tmp_path: Path) -> None:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p = subprocess.Popen([sys.executable, "-c", "pass"], env=CLEAN_ENV)
     p.wait()
     with pytest.raises(procmem.NoSuchProcessError, match="no process"):
-        procmem.snapshot_process(p.pid, tmp_path / "x")
+        procmem.snapshot_process(p.pid, tmp_path / "x", max_bytes=LIMIT)
     with pytest.raises(DWCPError):
         procmem.read_writable_regions(p.pid)
 
@@ -172,11 +182,11 @@ def test_permission_denied_is_a_clear_error(tmp_path: Path) -> None:
         from dwcp.compression import procmem  # imported as root: nobody cannot read this tree
         os.setgid(65534); os.setuid(65534)
         try:
-            procmem.snapshot_process(1, "/dev/null")
+            procmem.snapshot_process(1, "/dev/null", max_bytes=1 << 30)
         except procmem.ProcessAccessError as e:
             print("denied", e)
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=CLEAN_ENV)
     assert r.stdout.startswith("denied"), r.stdout + r.stderr
     assert "root" in r.stdout
 
@@ -191,3 +201,26 @@ def test_bad_layout_file(tmp_path: Path) -> None:
         '{"format": 1, "page_bytes": 4096, "regions": [[4096, 5000, ""]], "skipped": []}')
     with pytest.raises(procmem.SnapshotError, match="page-aligned"):
         procmem.load_layout(tmp_path / "img")
+
+
+def test_size_limit_refuses_before_reading(child: Child, tmp_path: Path) -> None:
+    with pytest.raises(procmem.SnapshotError, match="over max_bytes"):
+        procmem.snapshot_process(child.pid, tmp_path / "s0", max_bytes=8 * PAGE)
+    assert not (tmp_path / "s0").exists() and not procmem.layout_path(tmp_path / "s0").exists()
+    # the limit counts the whole image, including regions of an earlier layout
+    s0 = procmem.snapshot_process(child.pid, tmp_path / "s0", max_bytes=LIMIT)
+    with pytest.raises(procmem.SnapshotError, match="over max_bytes"):
+        procmem.snapshot_process(child.pid, tmp_path / "s1", layout=s0.layout, max_bytes=s0.size_bytes - PAGE)
+
+
+def test_zero_chunks_are_holes(child: Child, tmp_path: Path) -> None:
+    _, zaddr = child.send("zeros z 8192").split()  # 32 MiB never written
+    _, paddr = child.send("new p 512 0").split()  # 2 MiB; page i holds byte i % 256, so two zero pages
+    s0 = procmem.snapshot_process(child.pid, tmp_path / "s0", max_bytes=LIMIT)
+    off = image_offset(s0.layout, int(paddr))
+    for i in (0, 1, 255, 256, 257):
+        assert page_at(s0.image_path, off + i * PAGE) == bytes([i % 256]) * PAGE
+    zoff = image_offset(s0.layout, int(zaddr))
+    assert page_at(s0.image_path, zoff) == bytes(PAGE) == page_at(s0.image_path, zoff + 8191 * PAGE)
+    st = os.stat(s0.image_path)
+    assert st.st_size >= 32 << 20 and st.st_blocks * 512 <= st.st_size - (24 << 20)  # the zeros take no disk
