@@ -63,6 +63,7 @@ LAYOUT_FORMAT = 1
 _CHUNK_BYTES = 8 << 20
 _PAGE_BYTES = mmap.PAGESIZE
 _ZEROS = bytes(_CHUNK_BYTES)
+_HOLE_BYTES = 64 << 10
 
 
 class SnapshotError(DWCPError):
@@ -287,6 +288,30 @@ class _Unreadable(Exception):
         self.done_bytes = done_bytes  # copied before the failure
 
 
+def _write_sparse(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite ``data`` at ``offset``, leaving all-zero stretches of _HOLE_BYTES as holes (the file was
+    created empty, so they read as zeros). One write per run of non-zero stretches."""
+    n = len(data)
+    run = -1  # start of the pending non-zero run
+    for at in range(0, n, _HOLE_BYTES):
+        zero = _ZEROS.startswith(data[at:at + _HOLE_BYTES])  # memcmp against zeros, no copy
+        if not zero and run < 0:
+            run = at
+        elif zero and run >= 0:
+            _pwrite_all(fd, data[run:at], offset + run)
+            run = -1
+    if run >= 0:
+        _pwrite_all(fd, data[run:n], offset + run)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        if done <= 0:
+            raise OSError(errno.EIO, "short write to the image file")
+        data, offset = data[done:], offset + done
+
+
 def _copy_range(mem_fd: int, out_fd: int, lo: int, hi: int, out_offset: int, buf: bytearray) -> None:
     """Copy process memory ``[lo, hi)`` to ``out_fd`` at ``out_offset``."""
     view = memoryview(buf)
@@ -302,8 +327,7 @@ def _copy_range(mem_fd: int, out_fd: int, lo: int, hi: int, out_offset: int, buf
         if got == 0:
             # /proc/PID/mem of a process that has exited (its mm is gone) reads as end of file.
             raise ProcessLookupError(errno.ESRCH, "process memory is gone")
-        if not _ZEROS.startswith(view[:got]):  # zero chunks stay holes in the (sparse) image (memcmp, no copy)
-            os.pwrite(out_fd, view[:got], out_offset + (addr - lo))
+        _write_sparse(out_fd, view[:got], out_offset + (addr - lo))
         addr += got
 
 
@@ -375,7 +399,7 @@ def snapshot_process(pid: int, image_path: str | os.PathLike[str], *, layout: La
                 except _Unreadable as u:
                     # what was copied before the failure must not show through the holes of what comes next
                     for off in range(0, u.done_bytes, _CHUNK_BYTES):
-                        os.pwrite(out_fd, _ZEROS[:min(_CHUNK_BYTES, u.done_bytes - off)], pos + off)
+                        _pwrite_all(out_fd, memoryview(_ZEROS)[:min(_CHUNK_BYTES, u.done_bytes - off)], pos + off)
                     base.skipped.append(SkippedRegion(lo, hi, name, u.reason))
                     log.info("pid %d: skipping %s %#x-%#x: %s", pid, name or "anon", lo, hi, u.reason)
                     continue
