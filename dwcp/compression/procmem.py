@@ -22,6 +22,10 @@ is made and listed in :attr:`Layout.skipped` with the reason. Reading another pr
 ptrace access to it (root, or your own child with ``kernel.yama.ptrace_scope`` ≤ 1). ``freeze=True``
 stops the process (``SIGSTOP``) while it is read so the image is one consistent moment; a process that is
 not frozen keeps running and may change between the first and the last region read.
+
+Images are sparse: all-zero 64 KiB stretches are left as holes. Writable mappings can be far larger than
+the memory in use (a sanitizer's shadow memory is terabytes of untouched ``rw-p``); pass ``max_bytes`` to
+have such a snapshot refused before anything is read.
 """
 
 from __future__ import annotations
