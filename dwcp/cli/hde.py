@@ -109,6 +109,49 @@ def _copy_range(src_fd: int, out_fd: int, start: int, end: int, what: str) -> No
         done += k
 
 
+class _Copier:
+    """Copies [0, length) of src into out on its own thread, in order, step bytes at a time; wait()
+    blocks until a region has been copied (and re-raises the copy's error)."""
+
+    def __init__(self, src_fd: int, out_fd: int, length: int, step: int, what: str) -> None:
+        import threading
+        self.done = 0
+        self.length = length
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.cond = threading.Condition()
+
+        def run() -> None:
+            try:
+                pos = 0
+                while pos < length and not self.stopped:
+                    end = min(pos + step, length)
+                    _copy_range(src_fd, out_fd, pos, end, what)
+                    pos = end
+                    with self.cond:
+                        self.done = pos
+                        self.cond.notify_all()
+            except BaseException as e:  # handed to the waiters
+                with self.cond:
+                    self.error = e
+                    self.cond.notify_all()
+
+        self.thread = threading.Thread(target=run, name="dwcp-hde-copy", daemon=True)
+        self.thread.start()
+
+    def wait(self, offset: int, size: int) -> None:
+        need = min(offset + size, self.length)
+        with self.cond:
+            while self.done < need and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.thread.join()
+
+
 def _sendfile_at(out_fd: int, src_fd: int, offset: int, count: int) -> int:
     # sendfile writes at the output's file position, which threads share: use a private descriptor.
     fd = os.open(f"/proc/self/fd/{out_fd}", os.O_WRONLY)
@@ -192,24 +235,23 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
             f = stack.enter_context(_output(output))
             n = header.new_length
             if n and base_path and header.has_base and header.mode is Mode.PAGE:
-                # Page mode against a base: most pages are unchanged. Copy the base into the output in
-                # the kernel (copy_file_range: no pass through user space), batch by batch just before
-                # each is patched in place, so copying overlaps patching; unchanged pages are never
-                # touched again.
+                # Page mode against a base: most pages are unchanged. One thread copies the base into
+                # the output in the kernel (copy_file_range: no pass through user space), in order,
+                # batch by batch; the decoder patches each batch in place as soon as its region has
+                # arrived, so patching hides behind the copy. (Two threads copying at once were no
+                # faster than one: the copy is bound by page allocation, not by the CPU.)
                 if os.path.getsize(base_path) != header.base_length:
                     raise DWCPError(f"{base_path} has {os.path.getsize(base_path):,} bytes; the delta was made "
                                     f"against a base of {header.base_length:,}: it is not the same version")
                 os.ftruncate(f.fileno(), n)
                 src = stack.enter_context(open(base_path, "rb"))
-                have = min(n, header.base_length)
-
-                def fill(off: int, size: int) -> None:
-                    if off < have:
-                        _copy_range(src.fileno(), f.fileno(), off, min(off + size, have), base_path)
-
+                copier = _Copier(src.fileno(), f.fileno(), min(n, header.base_length),
+                                 header.batch_pages * header.page_size, base_path)
+                stack.callback(copier.stop)
                 stats = _decode_mapped(lambda d, out, threads: codec.apply(d, out, threads=threads,
-                                                                         before_batch=fill),
+                                                                         before_batch=copier.wait),
                                        delta, f.fileno(), n, threads, populate=False)
+                copier.wait(0, n)  # every byte copied (also past the last batch's start)
                 return _report(stats, show, as_json)
             base = stack.enter_context(_mapped(base_path)) if base_path and header.has_base else None
             if n == 0:
