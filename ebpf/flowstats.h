@@ -23,7 +23,7 @@
  * AF_INET), ports in host order. Times from bpf_ktime_get_ns() (CLOCK_MONOTONIC). */
 struct dwcp_flow {
 	__u64 cookie;
-	__u64 ts_ns;              /* last update */
+	__u64 ts_ns;              /* last state change (the per-segment programs don't read the clock) */
 	__u64 bytes_acked;        /* tcp_sock.bytes_acked (tcp_probe: + the ACK being processed) */
 	__u64 bytes_received;     /* tcp_sock.bytes_received (tcp_probe: + the segment being processed) */
 	__u64 bytes_sent;         /* tcp_sock.bytes_sent, retransmissions included */

@@ -136,13 +136,13 @@ def _addr(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET, raw[:4])
 
 
-def _sample(f: dict[str, Any]) -> FlowSample:
+def _sample(f: dict[str, Any], now_ns: int) -> FlowSample:
     ivl = f["rate_interval_us"]
     # the kernel's tcp_info delivery rate: rate_delivered segments of mss_cache bytes per interval
     rate_bps = f["rate_delivered"] * f["mss"] * 8_000_000 // ivl if ivl else 0
     return FlowSample(
         cookie=f["cookie"], saddr=_addr(f["family"], f["saddr"]), sport=f["sport"],
-        daddr=_addr(f["family"], f["daddr"]), dport=f["dport"], timestamp_ns=f["ts_ns"], source="ebpf",
+        daddr=_addr(f["family"], f["daddr"]), dport=f["dport"], timestamp_ns=now_ns, source="ebpf",
         netns=f["netns"], state=TCP_STATES.get(f["state"], str(f["state"])), srtt_us=f["srtt_us"],
         min_rtt_us=f["min_rtt_us"], delivery_rate_bps=rate_bps,
         delivery_app_limited=bool(f["flags"] & 0x01), bytes_acked=f["bytes_acked"],
@@ -249,7 +249,7 @@ class EbpfSource:
                 if f["state"] == _TCP_CLOSE and now - f["ts_ns"] > _STALE_CLOSED_NS:
                     self._p.forget(f["cookie"])   # its close event was lost (ring buffer overflow)
                     continue
-                s = _sample(f)
+                s = _sample(f, now)
                 if self._filter.matches(s):
                     out[s.cookie] = s
             return list(out.values())
@@ -261,7 +261,9 @@ class EbpfSource:
         with self._lock:
             out: list[FlowEvent] = []
             for kind, old, new, f in self._p.poll(0):
-                s = _sample(f)
+                # state changes carry their kernel time (CLOCK_MONOTONIC, as time.monotonic_ns); an
+                # open first seen by tcp_probe has none (that program reads no clock): stamp it now
+                s = _sample(f, f["ts_ns"] or time.monotonic_ns())
                 if kind == 2:                  # DWCP_EV_CLOSE: the final counters, then forget it
                     self._p.forget(f["cookie"])
                     if self._filter.matches(s):
