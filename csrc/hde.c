@@ -212,6 +212,19 @@ int dwcp_hde_classify(const uint8_t *page, const uint8_t *base, size_t n)
     return base ? DWCP_HDE_PATCH : DWCP_HDE_RAW;
 }
 
+/* A batch's counts join the caller's only once the batch has succeeded. */
+static void add_counts(dwcp_hde_counts *to, const dwcp_hde_counts *k)
+{
+    to->unchanged += k->unchanged;
+    to->zero += k->zero;
+    to->patch += k->patch;
+    to->raw += k->raw;
+    to->patch_runs += k->patch_runs;
+    to->literal_bytes += k->literal_bytes;
+    to->body_bytes += k->body_bytes;
+    to->stored_bytes += k->stored_bytes;
+}
+
 static void put_header(uint8_t *o, const dwcp_hde_header *h)
 {
     dwcp_st32(o, DWCP_HDE_BATCH_MAGIC);
@@ -281,6 +294,15 @@ static int window_log_max(void)
     return ZSTD_isError(b.error) ? 27 : b.upperBound;
 }
 
+/* A fresh compression session at level (no parameters left from the previous frame); 0 or a zstd
+ * error code. */
+static size_t start_zstd(ZSTD_CCtx *z, int level)
+{
+    ZSTD_CCtx_reset(z, ZSTD_reset_session_and_parameters);
+    size_t e = ZSTD_CCtx_setParameter(z, ZSTD_c_compressionLevel, level);
+    return ZSTD_isError(e) ? e : 0;
+}
+
 /* Compress (or store) body into out + header; fill the header's codec/stored fields. */
 static int64_t store_body(dwcp_hde_ctx *c, const uint8_t *body, size_t body_len, int level, uint8_t *out,
                           size_t out_cap, dwcp_hde_header *h)
@@ -295,8 +317,7 @@ static int64_t store_body(dwcp_hde_ctx *c, const uint8_t *body, size_t body_len,
          * match anywhere in the batch costs the decoder nothing extra. */
         ZSTD_CCtx *z = c->cctx;
         size_t e;
-        ZSTD_CCtx_reset(z, ZSTD_reset_session_and_parameters);
-        if (ZSTD_isError(e = ZSTD_CCtx_setParameter(z, ZSTD_c_compressionLevel, level)))
+        if ((e = start_zstd(z, level)) != 0)
             return zstd_fail(c, "set level", e);
         if (body_len > ((size_t)1 << 21)) {
             int wlog = window_log_for(body_len);
@@ -402,14 +423,7 @@ int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *ne
         return r;
     k.body_bytes = body_len;
     k.stored_bytes = h.stored_len;
-    counts->unchanged += k.unchanged;
-    counts->zero += k.zero;
-    counts->patch += k.patch;
-    counts->raw += k.raw;
-    counts->patch_runs += k.patch_runs;
-    counts->literal_bytes += k.literal_bytes;
-    counts->body_bytes += k.body_bytes;
-    counts->stored_bytes += k.stored_bytes;
+    add_counts(counts, &k);
     return r;
 }
 
@@ -558,14 +572,7 @@ int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uin
     }
     k.body_bytes = h.body_len;
     k.stored_bytes = h.stored_len;
-    counts->unchanged += k.unchanged;
-    counts->zero += k.zero;
-    counts->patch += k.patch;
-    counts->raw += k.raw;
-    counts->patch_runs += k.patch_runs;
-    counts->literal_bytes += k.literal_bytes;
-    counts->body_bytes += k.body_bytes;
-    counts->stored_bytes += k.stored_bytes;
+    add_counts(counts, &k);
     return DWCP_HDE_OK;
 }
 
@@ -584,8 +591,7 @@ int64_t dwcp_hde_encode_buffer(dwcp_hde_ctx *c, const uint8_t *new_, size_t new_
     if (level != DWCP_HDE_LEVEL_OFF) {
         ZSTD_CCtx *z = c->cctx;
         size_t e;
-        ZSTD_CCtx_reset(z, ZSTD_reset_session_and_parameters);
-        if (ZSTD_isError(e = ZSTD_CCtx_setParameter(z, ZSTD_c_compressionLevel, level)))
+        if ((e = start_zstd(z, level)) != 0)
             return zstd_fail(c, "set level", e);
         /* Worker threads are an optimisation; a libzstd built without them just runs single-threaded. */
         if (workers > 1)

@@ -14,8 +14,9 @@ tests/conftest.py).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -58,3 +59,18 @@ def wan_link(netlab_ready: None) -> Iterator[Callable[..., Any]]:
     yield make
     for lab in labs:
         lab.close()
+
+
+T = TypeVar("T")
+
+
+def wait_for(fn: Callable[[], T | None], what: str, limit_s: float = 10.0) -> T:
+    """Poll fn until it returns something truthy; fail (not a timing assertion: a hang) after limit_s."""
+    end = time.monotonic() + limit_s
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened within {limit_s} s: {what}")
+        time.sleep(0.02)

@@ -18,14 +18,14 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from dwcp.telemetry.sample import FlowFilter, FlowSample
+from tests.kernel.conftest import wait_for
 
 kernel = pytest.mark.kernel
-T = TypeVar("T")
 SO_COOKIE = 57
 
 
@@ -35,18 +35,6 @@ def ebpf_ready() -> None:
     ok, why = ebpf_available()
     if not ok:
         pytest.skip(f"eBPF telemetry unavailable: {why}")
-
-
-def wait_for(fn: Callable[[], T | None], what: str, limit_s: float = 10.0) -> T:
-    """Poll fn until it returns something truthy; fail (not a timing assertion: a hang) after limit_s."""
-    end = time.monotonic() + limit_s
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"never happened within {limit_s} s: {what}")
-        time.sleep(0.02)
 
 
 def cookie(s: socket.socket) -> int:

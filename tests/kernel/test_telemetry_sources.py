@@ -24,22 +24,12 @@ import pytest
 from dwcp.telemetry import FlowFilter, InetDiagSource, TcpInfoSource, open_source
 from dwcp.telemetry.tcp_info import netns_inode, socket_cookie
 from tests.conftest import tcp_pairs
+from tests.kernel.conftest import wait_for
 
 kernel = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 SENT = 3_000_000
-
-
-def wait_for(fn: Callable[[], T | None], what: str, limit_s: float = 10.0) -> T:
-    end = time.monotonic() + limit_s
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"never happened within {limit_s} s: {what}")
-        time.sleep(0.02)
 
 
 def transfer(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
