@@ -203,12 +203,22 @@ static int64_t patch_encode(const uint8_t *p, const uint8_t *b, size_t n, size_t
     return (int64_t)lit_n;
 }
 
+/* The encoder's first two questions about a page: equal to its base page, or all zero? -1 when
+ * neither (the page is then a patch candidate if it has a base, else raw). */
+static inline int settled_class(const uint8_t *p, const uint8_t *b, size_t n)
+{
+    if (b && memcmp(p, b, n) == 0)
+        return DWCP_HDE_UNCHANGED;
+    if (dwcp_hde_is_zero(p, n))
+        return DWCP_HDE_ZERO;
+    return -1;
+}
+
 int dwcp_hde_classify(const uint8_t *page, const uint8_t *base, size_t n)
 {
-    if (base && memcmp(page, base, n) == 0)
-        return DWCP_HDE_UNCHANGED;
-    if (dwcp_hde_is_zero(page, n))
-        return DWCP_HDE_ZERO;
+    int cls = settled_class(page, base, n);
+    if (cls >= 0)
+        return cls;
     return base ? DWCP_HDE_PATCH : DWCP_HDE_RAW;
 }
 
@@ -303,6 +313,28 @@ static size_t start_zstd(ZSTD_CCtx *z, int level)
     return ZSTD_isError(e) ? e : 0;
 }
 
+/* Completes a frame whose payload goes at out + header. h->codec says what the caller left there:
+ * STORED means raw is copied in now; otherwise zsize bytes of zstd frame are already in place. Fills
+ * the header's level, lengths and stored checksum and writes it; returns the frame's length. */
+static int64_t seal_frame(uint8_t *out, size_t out_cap, dwcp_hde_header *h, const uint8_t *raw,
+                          size_t raw_len, size_t zsize, int level)
+{
+    uint8_t *dst = out + DWCP_HDE_BATCH_HEADER_BYTES;
+    if (h->codec == DWCP_HDE_STORED) {
+        if (raw_len > out_cap - DWCP_HDE_BATCH_HEADER_BYTES)
+            return DWCP_HDE_E_SPACE;
+        if (raw_len)
+            memcpy(dst, raw, raw_len);
+        zsize = raw_len;
+    }
+    h->level = h->codec == DWCP_HDE_STORED ? 0 : level_byte(level);
+    h->body_len = raw_len;
+    h->stored_len = zsize;
+    h->stored_xxh3 = dwcp_xxh3(dst, zsize);
+    put_header(out, h);
+    return (int64_t)(DWCP_HDE_BATCH_HEADER_BYTES + zsize);
+}
+
 /* Compress (or store) body into out + header; fill the header's codec/stored fields. */
 static int64_t store_body(dwcp_hde_ctx *c, const uint8_t *body, size_t body_len, int level, uint8_t *out,
                           size_t out_cap, dwcp_hde_header *h)
@@ -334,18 +366,7 @@ static int64_t store_body(dwcp_hde_ctx *c, const uint8_t *body, size_t body_len,
             stored = r;
         }
     }
-    if (h->codec == DWCP_HDE_STORED) {
-        if (body_len > cap)
-            return DWCP_HDE_E_SPACE;
-        memcpy(dst, body, body_len);
-        stored = body_len;
-    }
-    h->level = h->codec == DWCP_HDE_STORED ? 0 : level_byte(level);
-    h->body_len = body_len;
-    h->stored_len = stored;
-    h->stored_xxh3 = dwcp_xxh3(dst, stored);
-    put_header(out, h);
-    return (int64_t)(DWCP_HDE_BATCH_HEADER_BYTES + stored);
+    return seal_frame(out, out_cap, h, body, body_len, stored, level);
 }
 
 int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *new_, size_t new_len,
@@ -372,13 +393,10 @@ int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *ne
         size_t n = new_len - off < page_size ? new_len - off : page_size;
         const uint8_t *p = new_ + off;
         const uint8_t *b = base && off + n <= base_len ? base + off : NULL;
+        int settled = dirty && !dirty[pg] ? DWCP_HDE_UNCHANGED : settled_class(p, b, n);
         uint8_t cls;
-        if (dirty && !dirty[pg])
-            cls = DWCP_HDE_UNCHANGED;
-        else if (b && memcmp(p, b, n) == 0)
-            cls = DWCP_HDE_UNCHANGED;
-        else if (dwcp_hde_is_zero(p, n))
-            cls = DWCP_HDE_ZERO;
+        if (settled >= 0)
+            cls = (uint8_t)settled;
         else {
             cls = DWCP_HDE_RAW;
             if (b) {
@@ -427,17 +445,19 @@ int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *ne
     return r;
 }
 
-/* Checks the stored bytes and makes the body available: *body points into `in` (stored) or into the
- * context's buffer (zstd). */
+/* Checks a frame's stored bytes and makes its body available: *body points into `in` (stored) or into
+ * zbuf (zstd, decompressed there; prefix is the zstd prefix of a ZSTD_BASE frame). */
 static int open_body(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, const dwcp_hde_header *h,
-                     uint8_t *zbuf, size_t zcap, const uint8_t **body)
+                     uint8_t *zbuf, size_t zcap, const uint8_t *prefix, size_t prefix_len,
+                     const uint8_t **body)
 {
     if (h->stored_len > in_len - DWCP_HDE_BATCH_HEADER_BYTES)
         return DWCP_HDE_E_TRUNCATED;
     if (h->stored_len != in_len - DWCP_HDE_BATCH_HEADER_BYTES)
         return DWCP_HDE_E_INVAL; /* the caller hands over exactly one frame */
     const uint8_t *s = in + DWCP_HDE_BATCH_HEADER_BYTES;
-    if (dwcp_xxh3(s, (size_t)h->stored_len) != h->stored_xxh3)
+    size_t slen = (size_t)h->stored_len;
+    if (dwcp_xxh3(s, slen) != h->stored_xxh3)
         return DWCP_HDE_E_STORED;
     if (h->codec == DWCP_HDE_STORED) {
         if (h->stored_len != h->body_len)
@@ -445,18 +465,25 @@ static int open_body(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, const dw
         *body = s;
         return DWCP_HDE_OK;
     }
+    if (h->codec == DWCP_HDE_ZSTD_BASE && !prefix_len)
+        return DWCP_HDE_E_BASE;
     if (h->body_len > zcap)
         return DWCP_HDE_E_BODY;
-    size_t fsz = ZSTD_findFrameCompressedSize(s, (size_t)h->stored_len);
-    if (ZSTD_isError(fsz) || fsz != h->stored_len)
+    size_t fsz = ZSTD_findFrameCompressedSize(s, slen);
+    if (ZSTD_isError(fsz) || fsz != slen || ZSTD_getFrameContentSize(s, slen) != h->body_len)
         return DWCP_HDE_E_BODY;
-    unsigned long long content = ZSTD_getFrameContentSize(s, (size_t)h->stored_len);
-    if (content != h->body_len)
-        return DWCP_HDE_E_BODY;
-    size_t r = ZSTD_decompressDCtx(c->dctx, zbuf, (size_t)h->body_len, s, (size_t)h->stored_len);
+    ZSTD_DCtx *z = c->dctx;
+    size_t e;
+    ZSTD_DCtx_reset(z, ZSTD_reset_session_and_parameters);
+    if (ZSTD_isError(e = ZSTD_DCtx_setParameter(z, ZSTD_d_windowLogMax, window_log_max())))
+        return zstd_fail(c, "set window", e);
+    if (h->codec == DWCP_HDE_ZSTD_BASE && ZSTD_isError(e = ZSTD_DCtx_refPrefix(z, prefix, prefix_len)))
+        return zstd_fail(c, "reference base", e);
+    size_t r = ZSTD_decompressDCtx(z, zbuf, (size_t)h->body_len, s, slen);
+    ZSTD_DCtx_reset(z, ZSTD_reset_session_and_parameters);
     if (ZSTD_isError(r) || r != h->body_len) {
         if (ZSTD_isError(r))
-            zstd_fail(c, "decompress batch", r);
+            zstd_fail(c, "decompress", r);
         return DWCP_HDE_E_BODY;
     }
     *body = zbuf;
@@ -490,7 +517,8 @@ int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uin
     if (h.body_len < BODY_PREFIX + npages || h.body_len > body_capacity(npages, dst_len))
         return DWCP_HDE_E_BODY;
     const uint8_t *body = NULL;
-    rc = open_body(c, in, in_len, &h, c->body, body_capacity(c->max_pages, c->max_batch_bytes), &body);
+    rc = open_body(c, in, in_len, &h, c->body, body_capacity(c->max_pages, c->max_batch_bytes), NULL, 0,
+                   &body);
     if (rc)
         return rc;
 
@@ -614,17 +642,7 @@ int64_t dwcp_hde_encode_buffer(dwcp_hde_ctx *c, const uint8_t *new_, size_t new_
             stored = r;
         }
     }
-    if (h.codec == DWCP_HDE_STORED) {
-        if (new_len)
-            memcpy(dst, new_, new_len);
-        stored = new_len;
-    }
-    h.level = h.codec == DWCP_HDE_STORED ? 0 : level_byte(level);
-    h.body_len = new_len;
-    h.stored_len = stored;
-    h.stored_xxh3 = dwcp_xxh3(dst, stored);
-    put_header(out, &h);
-    return (int64_t)(DWCP_HDE_BATCH_HEADER_BYTES + stored);
+    return seal_frame(out, out_cap, &h, new_, new_len, stored, level);
 }
 
 int dwcp_hde_decode_buffer(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, const uint8_t *base,
@@ -640,41 +658,12 @@ int dwcp_hde_decode_buffer(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, co
         return rc;
     if (h.first != 0 || h.page_count != 0 || h.body_len != dst_len)
         return DWCP_HDE_E_BODY;
-    if (h.stored_len > in_len - DWCP_HDE_BATCH_HEADER_BYTES)
-        return DWCP_HDE_E_TRUNCATED;
-    if (h.stored_len != in_len - DWCP_HDE_BATCH_HEADER_BYTES)
-        return DWCP_HDE_E_INVAL;
-    const uint8_t *s = in + DWCP_HDE_BATCH_HEADER_BYTES;
-    size_t slen = (size_t)h.stored_len;
-    if (dwcp_xxh3(s, slen) != h.stored_xxh3)
-        return DWCP_HDE_E_STORED;
-    if (h.codec == DWCP_HDE_STORED) {
-        if (slen != dst_len)
-            return DWCP_HDE_E_BODY;
-        if (dst_len)
-            memcpy(dst, s, dst_len);
-    } else {
-        if (h.codec == DWCP_HDE_ZSTD_BASE && !base_len)
-            return DWCP_HDE_E_BASE;
-        size_t fsz = ZSTD_findFrameCompressedSize(s, slen);
-        if (ZSTD_isError(fsz) || fsz != slen || ZSTD_getFrameContentSize(s, slen) != dst_len)
-            return DWCP_HDE_E_BODY;
-        ZSTD_DCtx *z = c->dctx;
-        size_t e;
-        ZSTD_DCtx_reset(z, ZSTD_reset_session_and_parameters);
-        if (ZSTD_isError(e = ZSTD_DCtx_setParameter(z, ZSTD_d_windowLogMax, window_log_max())))
-            return zstd_fail(c, "set window", e);
-        if (h.codec == DWCP_HDE_ZSTD_BASE && ZSTD_isError(e = ZSTD_DCtx_refPrefix(z, base, base_len)))
-            return zstd_fail(c, "reference base", e);
-        size_t r = ZSTD_decompressDCtx(z, dst, dst_len, s, slen);
-        ZSTD_DCtx_reset(z, ZSTD_reset_session_and_parameters);
-        if (ZSTD_isError(r)) {
-            zstd_fail(c, "decompress buffer", r);
-            return DWCP_HDE_E_BODY;
-        }
-        if (r != dst_len)
-            return DWCP_HDE_E_BODY;
-    }
+    const uint8_t *body = NULL;
+    rc = open_body(c, in, in_len, &h, dst, dst_len, base, base_len, &body);
+    if (rc)
+        return rc;
+    if (body != dst && dst_len) /* stored: the body is the frame's payload */
+        memcpy(dst, body, dst_len);
     if (dwcp_xxh3(dst, dst_len) != h.result_xxh3)
         return DWCP_HDE_E_RESULT;
     return DWCP_HDE_OK;

@@ -141,7 +141,8 @@ int dwcp_hde_decode_buffer(dwcp_hde_ctx *ctx, const uint8_t *in, size_t in_len, 
 
 /* Kernels, exposed for tests and the adaptive-level calibration. */
 int dwcp_hde_is_zero(const uint8_t *p, size_t n);
-/* Class a page would get (no output). */
+/* Class the encoder's first checks give a page (no output): UNCHANGED, ZERO, else PATCH when there is
+ * a base (the encoder still sends it RAW if the patch would not be smaller) or RAW. */
 int dwcp_hde_classify(const uint8_t *page, const uint8_t *base, size_t n);
 
 #ifdef __cplusplus
