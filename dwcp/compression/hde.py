@@ -4,7 +4,7 @@
     new2 = hde.decode(delta, base)            # bytearray, verified batch by batch
     hde.apply(delta, target)                  # in place: target holds the base, ends up as new
 
-Page mode cuts the image into batches of pages (4 MiB by default); every batch is encoded by the C core
+Page mode cuts the image into batches of pages (4-64 MiB, from the image size); every batch is encoded by the C core
 without the GIL, batches in parallel on a thread pool (one HdeContext per thread). Buffer mode is one zstd
 frame with the base as prefix and long-distance matching, like ``zstd --patch-from``.
 """
@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from dwcp import _core
+from dwcp._buffers import byte_view
 from dwcp.compression import level as levels
-from dwcp.compression.format import (BATCH_HEADER_BYTES, DeltaHeader, Mode, iter_batches, parse_header)
+from dwcp.compression.format import (BATCH_HEADER_BYTES, HEADER_BYTES, BatchRef, DeltaHeader, Mode, iter_batches,
+                                     parse_header)
 from dwcp.errors import ConfigError, ProtocolError
 
 DEFAULT_PAGE_SIZE = 4096
@@ -95,19 +97,6 @@ class HdeStats:
                 "level": self.level.to_json() if self.level else None}
 
 
-def _view(obj: Any, what: str, *, writable: bool = False) -> memoryview:
-    try:
-        mv = memoryview(obj)
-    except TypeError:
-        raise ConfigError(f"{what} must be a bytes-like object (bytes, bytearray, memoryview, mmap), got "
-                          f"{type(obj).__name__}") from None
-    if not mv.c_contiguous:
-        raise ConfigError(f"{what} must be C-contiguous")
-    if writable and mv.readonly:
-        raise ConfigError(f"{what} must be writable (bytearray, writable mmap)")
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-
-
 class _Pool:
     """A thread pool whose threads each own one HdeContext and scratch buffers."""
 
@@ -142,6 +131,10 @@ class _Pool:
         if self._ex is None:
             return (fn(i) for i in range(n))
         return self._ex.map(fn, range(n))
+
+    def reset_counts(self) -> None:
+        for c in self._contexts:
+            c.reset_counts()
 
     def counts(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -184,7 +177,7 @@ def encode(new: Any, base: Any = None, *, mode: str = "auto", page_size: int = D
     batch_bytes: page mode: image bytes per batch (None: chosen from the image size and threads).
     sink: called with each piece of the delta in order (then the bytes are not kept; returns None).
     Returns (delta or None, stats)."""
-    nv = _view(new, "new")
+    nv = byte_view(new, what="new")
     lvl = levels.parse_level(level)
     nthreads = threads if threads is not None else default_threads()
     if not 1 <= nthreads <= 256:
@@ -198,18 +191,18 @@ def encode(new: Any, base: Any = None, *, mode: str = "auto", page_size: int = D
             raise ConfigError(f"segments of {base.segment_bytes} bytes are not whole {page_size}-byte pages")
         stats = _encode_pages(nv, base.length, base.segment, page_size, lvl, link_bps, dirty,
                               base.segment_bytes, nthreads, put)
-        return (None if sink is not None else b"".join(pieces)), stats
-    bv = _view(base, "base") if base is not None else None
-    chosen = _choose_mode(mode, len(nv), len(bv) if bv is not None else None, page_size)
-    if dirty is not None and chosen is not Mode.PAGE:
-        raise ConfigError("a dirty map needs page mode (page-aligned images)")
-    if chosen is Mode.PAGE:
-        def whole(off: int, size: int) -> memoryview | None:
-            return bv[off:off + size] if bv is not None and off < len(bv) else None
-        stats = _encode_pages(nv, len(bv) if bv is not None else 0, whole, page_size, lvl, link_bps, dirty,
-                              batch_bytes, nthreads, put)
     else:
-        stats = _encode_buffer(nv, bv, lvl, link_bps, nthreads, put)
+        bv = byte_view(base, what="base") if base is not None else None
+        chosen = _choose_mode(mode, len(nv), len(bv) if bv is not None else None, page_size)
+        if dirty is not None and chosen is not Mode.PAGE:
+            raise ConfigError("a dirty map needs page mode (page-aligned images)")
+        if chosen is Mode.PAGE:
+            def whole(off: int, size: int) -> memoryview | None:
+                return bv[off:off + size] if bv is not None and off < len(bv) else None
+            stats = _encode_pages(nv, len(bv) if bv is not None else 0, whole, page_size, lvl, link_bps,
+                                  dirty, batch_bytes, nthreads, put)
+        else:
+            stats = _encode_buffer(nv, bv, lvl, link_bps, nthreads, put)
     if sink is not None:
         return None, stats
     return b"".join(pieces), stats
@@ -249,7 +242,7 @@ def _encode_pages(nv: memoryview, base_len: int, base_at: Callable[[int, int], m
         batch_bytes = auto_batch_bytes(len(nv), threads, page_size)
     per = _batch_pages(page_size, batch_bytes)
     header = DeltaHeader(Mode.PAGE, len(nv), base_len, page_size, per)
-    dv = _view(dirty, "dirty") if dirty is not None else None
+    dv = byte_view(dirty, what="dirty") if dirty is not None else None
     if dv is not None and len(dv) != header.pages:
         raise ConfigError(f"dirty map has {len(dv)} entries; the image has {header.pages} pages")
     span = per * page_size
@@ -270,9 +263,7 @@ def _encode_pages(nv: memoryview, base_len: int, base_at: Callable[[int, int], m
         else:
             decision = levels.fixed(lvl)
         zlevel = _core.HDE_LEVEL_OFF if decision.level is None else decision.level
-        pool.counts()  # calibration contexts counted pages; start from zero
-        for c in pool._contexts:
-            c.reset_counts()
+        pool.reset_counts()  # calibration counted its sample pages; count the real encode only
 
         def work(i: int) -> bytes:
             first, part, b, d = region(i)
@@ -379,7 +370,7 @@ def _calibrate_buffer(ctx: _core.HdeContext, nv: memoryview, threads: int,
 
 def read_header(delta: Any) -> DeltaHeader:
     """The header of a delta: mode, lengths, page size (validated)."""
-    return parse_header(_view(delta, "delta")[:64])
+    return parse_header(byte_view(delta, what="delta")[:HEADER_BYTES])
 
 
 def _check_base(header: DeltaHeader, bv: memoryview | None) -> None:
@@ -393,11 +384,11 @@ def _check_base(header: DeltaHeader, bv: memoryview | None) -> None:
 def decode_into(delta: Any, base: Any, dst: Any, *, threads: int | None = None) -> HdeStats:
     """Rebuild the new image into dst (writable, exactly the new length). Every batch is verified; on a
     ProtocolError dst holds a mix of verified batches and garbage and must not be used."""
-    dv = _view(delta, "delta")
+    dv = byte_view(delta, what="delta")
     header = parse_header(dv)
-    bv = _view(base, "base") if base is not None else None
+    bv = byte_view(base, what="base") if base is not None else None
     _check_base(header, bv)
-    out = _view(dst, "dst", writable=True)
+    out = byte_view(dst, writable=True, what="dst")
     if len(out) != header.new_length:
         raise ConfigError(f"destination has {len(out)} bytes; the delta rebuilds {header.new_length}")
     refs = list(iter_batches(header, dv))
@@ -410,16 +401,24 @@ def decode_into(delta: Any, base: Any, dst: Any, *, threads: int | None = None) 
                           bv if header.has_base else None, out)
         return HdeStats("decode", "buffer", header.new_length, header.base_length, len(dv),
                         time.perf_counter() - t0, 1, 1)
-    span = header.batch_pages * header.page_size
-    with _Pool(min(nthreads, max(1, len(refs))), span) as pool:
+    def rebuild(pool: _Pool, r: BatchRef, frame: memoryview, b: memoryview | None) -> None:
+        pool.ctx().decode_batch(frame, header.page_size, b, out[r.image_offset:r.image_offset + r.image_bytes])
+
+    return _decode_pages("decode", header, dv, refs, bv, nthreads, t0, rebuild)
+
+
+def _decode_pages(op: str, header: DeltaHeader, dv: memoryview, refs: list[BatchRef], bv: memoryview | None,
+                  threads: int, t0: float,
+                  rebuild: Callable[[_Pool, BatchRef, memoryview, memoryview | None], None]) -> HdeStats:
+    """Page mode: rebuild(pool, batch, its frame, its region of the base) for every batch, in parallel."""
+    with _Pool(min(threads, max(1, len(refs))), header.batch_pages * header.page_size) as pool:
         def work(i: int) -> None:
             r = refs[i]
-            b = _base_part(bv, header, r.image_offset, r.image_bytes)
-            pool.ctx().decode_batch(dv[r.frame_offset:r.frame_offset + r.frame_bytes], header.page_size, b,
-                                    out[r.image_offset:r.image_offset + r.image_bytes])
+            rebuild(pool, r, dv[r.frame_offset:r.frame_offset + r.frame_bytes],
+                    _base_part(bv, header, r.image_offset, r.image_bytes))
         for _ in pool.map(work, len(refs)):
             pass
-        return _page_stats("decode", pool, header, len(dv), time.perf_counter() - t0, None)
+        return _page_stats(op, pool, header, len(dv), time.perf_counter() - t0, None)
 
 
 def _base_part(bv: memoryview | None, header: DeltaHeader, off: int, size: int) -> memoryview | None:
@@ -447,35 +446,31 @@ def apply(delta: Any, target: Any, *, threads: int | None = None,
     target[offset:offset + size] is applied -- a batch reads only its own region of the base, so the
     caller can fill the target region by region (the CLI copies the base file in while other batches
     are being applied)."""
-    dv = _view(delta, "delta")
+    dv = byte_view(delta, what="delta")
     header = parse_header(dv)
-    tv = _view(target, "target", writable=True)
+    tv = byte_view(target, writable=True, what="target")
     if len(tv) != header.new_length:
         raise ConfigError(f"target has {len(tv)} bytes; the delta rebuilds {header.new_length}: resize "
                           "it first (its first bytes must hold the base)")
+    if header.mode is Mode.BUFFER:
+        # zstd cannot decode onto its own prefix: rebuild beside the target, then copy it in
+        base = bytes(tv[:header.base_length]) if header.has_base else None
+        rebuilt = bytearray(header.new_length)
+        stats = decode_into(dv, base, rebuilt, threads=threads)
+        tv[:] = rebuilt
+        stats.op = "apply"
+        return stats
     refs = list(iter_batches(header, dv))
     t0 = time.perf_counter()
-    if header.mode is Mode.BUFFER:
-        base = bytes(tv[:header.base_length]) if header.has_base else None
-        ctx = _core.HdeContext(1 << 20)
-        rebuilt = bytearray(header.new_length)
-        ref = refs[0]
-        ctx.decode_buffer(dv[ref.frame_offset:ref.frame_offset + ref.frame_bytes], base, rebuilt)
-        tv[:] = rebuilt
-        return HdeStats("apply", "buffer", header.new_length, header.base_length, len(dv),
-                        time.perf_counter() - t0, 1, 1)
     bv = tv[:min(header.base_length, len(tv))] if header.has_base else None
     span = header.batch_pages * header.page_size
+
+    def rebuild(pool: _Pool, r: BatchRef, frame: memoryview, b: memoryview | None) -> None:
+        if before_batch is not None:
+            before_batch(r.image_offset, r.image_bytes)
+        scratch = memoryview(pool.scratch(span))[:r.image_bytes]
+        pool.ctx().decode_batch(frame, header.page_size, b, scratch,
+                                tv[r.image_offset:r.image_offset + r.image_bytes])
+
     nthreads = threads if threads is not None else default_threads()
-    with _Pool(min(nthreads, max(1, len(refs))), span) as pool:
-        def work(i: int) -> None:
-            r = refs[i]
-            if before_batch is not None:
-                before_batch(r.image_offset, r.image_bytes)
-            b = _base_part(bv, header, r.image_offset, r.image_bytes)
-            scratch = memoryview(pool.scratch(span))[:r.image_bytes]
-            pool.ctx().decode_batch(dv[r.frame_offset:r.frame_offset + r.frame_bytes], header.page_size, b,
-                                    scratch, tv[r.image_offset:r.image_offset + r.image_bytes])
-        for _ in pool.map(work, len(refs)):
-            pass
-        return _page_stats("apply", pool, header, len(dv), time.perf_counter() - t0, None)
+    return _decode_pages("apply", header, dv, refs, bv, nthreads, t0, rebuild)

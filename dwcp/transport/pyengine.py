@@ -63,6 +63,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from dwcp import errors
+from dwcp._buffers import byte_view
 from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferTimeout, TransportError)
 from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
@@ -694,7 +695,7 @@ class PyStreamSet:
         the buffer is no longer referenced then. ``zerocopy``/``zc_min_bytes`` are ignored (see the
         module docstring)."""
         del zerocopy, zc_min_bytes
-        view = _byte_view(buffer, writable=False)
+        view = byte_view(buffer)
         try:
             if length is None:
                 length = len(view)
@@ -729,7 +730,7 @@ class PyStreamSet:
         """Receive transfer ``transfer_id`` of ``length`` bytes into ``buffer`` (wrapping around it when
         ``length`` exceeds its size). Returns the logical length received (shorter if the sender
         truncated) once every chunk is verified and DONE went out on every live stream."""
-        view = _byte_view(buffer, writable=True)
+        view = byte_view(buffer, writable=True, what="recv_into() buffer")
         try:
             _check_common(view, transfer_id=transfer_id, length=length, chunk_bytes=chunk_bytes,
                           csum_flags=csum_flags, timeout_s=timeout_s)
@@ -1103,27 +1104,6 @@ class _CallGuard:
                     o._mark_dead(st, "killed locally", 0, None)
         if closed:
             o._teardown()
-
-
-def _byte_view(buffer: Any, *, writable: bool) -> memoryview:
-    """A flat, C-contiguous byte view of any buffer-protocol object."""
-    try:
-        mv = memoryview(buffer)
-    except TypeError:
-        raise ConfigError(f"expected a buffer-protocol object (bytes, bytearray, memoryview, numpy "
-                          f"array, mmap), got {type(buffer).__name__}") from None
-    if not mv.c_contiguous:
-        mv.release()
-        raise ConfigError("buffer is not C-contiguous; pass a contiguous copy "
-                          "(e.g. numpy.ascontiguousarray)")
-    if writable and mv.readonly:
-        mv.release()
-        raise ConfigError("recv_into() needs a writable buffer (bytearray, numpy array, writable mmap)")
-    if mv.format == "B" and mv.ndim == 1:
-        return mv
-    flat = mv.cast("B")
-    mv.release()
-    return flat
 
 
 def _check_common(view: memoryview, *, transfer_id: int, length: int, chunk_bytes: int,

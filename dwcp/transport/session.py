@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dwcp._buffers import byte_view
 from dwcp.errors import (ConfigError, DWCPError, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferTimeout, TransportError)
 from dwcp.telemetry.tcp_info import tcp_info
@@ -40,25 +41,6 @@ log = logging.getLogger(__name__)
 _CONTROL_POLL_S = 0.05
 BENCH_RATE_BOUND_BPS = 400e9  # faster than any link a benchmark transfer here will see
 BENCH_MAX_CHUNKS = 1 << 22
-
-
-def as_readable_view(buffer: Any) -> memoryview:
-    """A flat byte view of any C-contiguous buffer-protocol object (bytes, numpy, mmap, ...)."""
-    try:
-        mv = memoryview(buffer)
-    except TypeError:
-        raise ConfigError(f"send() needs a buffer-protocol object (bytes, bytearray, memoryview, "
-                          f"numpy array, mmap), got {type(buffer).__name__}") from None
-    if not mv.c_contiguous:
-        raise ConfigError("buffer is not C-contiguous; pass a contiguous copy (e.g. numpy.ascontiguousarray)")
-    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-
-
-def as_writable_view(buffer: Any) -> memoryview:
-    mv = as_readable_view(buffer)
-    if mv.readonly:
-        raise ConfigError("recv_into() needs a writable buffer (bytearray, numpy array, writable mmap)")
-    return mv
 
 
 def _abort_reason(payload: bytes) -> str:
@@ -262,7 +244,7 @@ class Session:
         compressed=True marks the transfer as HDE output (dwcp.compression): every DATA frame carries the
         COMPRESSED flag, nothing below compresses it again, and the receiver sees
         ``peek().compressed`` so it knows to decode it."""
-        mv = as_readable_view(buffer)
+        mv = byte_view(buffer, what="send() buffer")
         return self._send(mv, messages.XferKind.BUFFER, name="", length=len(mv), deadline=None,
                           frame_flags=int(Flag.COMPRESSED) if compressed else 0)
 
@@ -414,7 +396,7 @@ class Session:
     def recv_into(self, buffer: Any, timeout_s: float | None = None) -> int:
         """Receive the next transfer into buffer; returns its length. If the buffer is too small,
         raises BufferTooSmall and consumes nothing (call again with a large enough buffer)."""
-        view = as_writable_view(buffer)
+        view = byte_view(buffer, writable=True, what="recv_into() buffer")
         with self._receiving():
             b = self._await_begin(timeout_s)
             self._validate_begin(b, len(view))
@@ -477,7 +459,7 @@ class Session:
     def send_for(self, buffer: Any, seconds: float) -> int:
         """Memory-to-memory benchmark: send buffer over and over for about `seconds` as one transfer;
         returns the bytes moved. The buffer size must be a multiple of the chunk size."""
-        mv = as_readable_view(buffer)
+        mv = byte_view(buffer, what="send_for() buffer")
         if len(mv) == 0 or len(mv) % self.params.chunk_bytes:
             raise ConfigError(f"send_for needs a buffer whose size is a non-zero multiple of the chunk "
                               f"size ({self.params.chunk_bytes})")
