@@ -21,15 +21,18 @@ import click
 from dwcp.errors import DWCPError
 
 
+def _open_read(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise click.ClickException(f"cannot read {path}: {e.strerror}") from None
+
+
 @contextlib.contextmanager
 def _mapped(path: str) -> Iterator[Any]:
     """The file's bytes, mapped read-only and pre-faulted (MAP_POPULATE: one pass over the page cache
     instead of a fault per page)."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise click.ClickException(f"cannot read {path}: {e.strerror}") from None
-    with f:
+    with _open_read(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             yield b""
@@ -199,7 +202,6 @@ def encode(base_path: str | None, new_path: str, output: str, page_size: int, mo
            as_json: bool) -> None:
     """Write to OUTPUT a delta that rebuilds NEW from --base (without --base: NEW compressed alone)."""
     from dwcp.compression import hde as codec
-    from dwcp.compression.format import Mode
     try:
         with contextlib.ExitStack() as stack:
             base = stack.enter_context(_mapped(base_path)) if base_path else None
@@ -240,11 +242,12 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
                 # batch by batch; the decoder patches each batch in place as soon as its region has
                 # arrived, so patching hides behind the copy. (Two threads copying at once were no
                 # faster than one: the copy is bound by page allocation, not by the CPU.)
-                if os.path.getsize(base_path) != header.base_length:
-                    raise DWCPError(f"{base_path} has {os.path.getsize(base_path):,} bytes; the delta was made "
-                                    f"against a base of {header.base_length:,}: it is not the same version")
+                src = stack.enter_context(_open_read(base_path))
+                have = os.fstat(src.fileno()).st_size
+                if have != header.base_length:
+                    raise DWCPError(f"{base_path} has {have:,} bytes; the delta was made against a base of "
+                                    f"{header.base_length:,}: it is not the same version")
                 os.ftruncate(f.fileno(), n)
-                src = stack.enter_context(open(base_path, "rb"))
                 copier = _Copier(src.fileno(), f.fileno(), min(n, header.base_length),
                                  header.batch_pages * header.page_size, base_path)
                 stack.callback(copier.stop)
@@ -252,16 +255,17 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
                                                                          before_batch=copier.wait),
                                        delta, f.fileno(), n, threads, populate=False)
                 copier.wait(0, n)  # every byte copied (also past the last batch's start)
-                return _report(stats, show, as_json)
-            base = stack.enter_context(_mapped(base_path)) if base_path and header.has_base else None
-            if n == 0:
-                stats = codec.decode_into(delta, base, bytearray(), threads=threads)
             else:
-                os.ftruncate(f.fileno(), n)
-                with contextlib.suppress(OSError):
-                    os.posix_fallocate(f.fileno(), 0, n)
-                stats = _decode_mapped(lambda d, out, threads: codec.decode_into(d, base, out, threads=threads),
-                                       delta, f.fileno(), n, threads, populate=True)
+                base = stack.enter_context(_mapped(base_path)) if base_path and header.has_base else None
+                if n == 0:
+                    stats = codec.decode_into(delta, base, bytearray(), threads=threads)
+                else:
+                    os.ftruncate(f.fileno(), n)
+                    with contextlib.suppress(OSError):
+                        os.posix_fallocate(f.fileno(), 0, n)
+                    stats = _decode_mapped(lambda d, out, threads: codec.decode_into(d, base, out,
+                                                                                    threads=threads),
+                                           delta, f.fileno(), n, threads, populate=True)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _report(stats, show, as_json)
