@@ -19,7 +19,6 @@ import os
 import secrets
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from pyroute2 import IPRoute  # type: ignore[import-untyped]  # no stubs, no py.typed
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
+from dwcp._netns import run_in_netns
 from dwcp.errors import CapabilityError, ConfigError, DWCPError
 
 from . import _state
@@ -40,7 +40,6 @@ VETH_IFACE = "veth0"
 _SYS_BPF = 321  # x86_64
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_SCHED_CLS = 3
-_CLONE_NEWNET = 0x40000000
 TC_H_CLSACT_INGRESS = 0xFFFFFFF2
 
 
@@ -85,28 +84,11 @@ def _load_loss_program(loss: float) -> int:
 
 
 def _in_ns(ns: str, fn: Callable[[IPRoute], Any]) -> Any:
-    """fn(IPRoute()) with the netlink socket opened inside namespace ``ns`` (setns in a new thread)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        fd = os.open(ns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(fd, _CLONE_NEWNET) != 0:
-                raise DWCPError(f"setns({ns}) failed: {os.strerror(ctypes.get_errno())}")
-            with IPRoute() as ipr:
-                box["result"] = fn(ipr)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=target, name="dwcp-netlab-ns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+    """fn(IPRoute()) with the netlink socket opened inside namespace ``ns``."""
+    def run() -> Any:
+        with IPRoute() as ipr:
+            return fn(ipr)
+    return run_in_netns(ns_path(ns), run)
 
 
 def _tbf(ipr: IPRoute, idx: int, rate_mbit: float) -> None:

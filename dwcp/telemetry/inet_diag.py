@@ -13,9 +13,6 @@ Open/close events are inferred: a cookie that appears in a snapshot is "open", o
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno as _errno
 import logging
 import os
 import socket
@@ -24,13 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from dwcp._netns import run_in_netns
 from dwcp.errors import CapabilityError, ConfigError, DWCPError
 from dwcp.telemetry.sample import FlowEvent, FlowFilter, FlowSample
 from dwcp.telemetry.tcp_info import TcpInfo, netns_inode, sample_from_info
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWNET = 0x40000000
 INET_DIAG_INFO = 2
 #: Every state of a connection that carries data or is winding down; not LISTEN, TIME_WAIT or
 #: NEW_SYN_RECV (request socks have no tcp_info).
@@ -74,51 +71,11 @@ def info_from_pyroute2(nla: Any) -> TcpInfo:
     return TcpInfo(out)
 
 
-def _libc() -> Any:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def netns_path(name: str) -> str:
     """A namespace name (as `ip netns` keeps them) or a path such as /proc/PID/ns/net."""
     if "/" in name:
         return name
     return f"/run/netns/{name}"
-
-
-def _in_netns(path: str, fn: Callable[[], Any]) -> Any:
-    """Run fn() in a fresh thread that first enters the network namespace at ``path``."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            box["error"] = ConfigError(f"network namespace {path}: cannot open it ({e.strerror}); "
-                                       "list them with `ip netns list`")
-            return
-        try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                if err == _errno.EPERM:
-                    box["error"] = CapabilityError(
-                        f"entering network namespace {path} needs CAP_SYS_ADMIN; run as root "
-                        "(your own namespace needs no privileges)")
-                else:
-                    box["error"] = DWCPError(f"setns({path}) failed: {os.strerror(err)}")
-                return
-            box["result"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-        finally:
-            os.close(fd)
-        # The thread ends here, and its namespace membership with it.
-
-    t = threading.Thread(target=target, name="dwcp-netns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 NETLINK_SOCK_DIAG = 4
@@ -205,7 +162,7 @@ class InetDiagSource:
             if self._netns == 0:
                 raise ConfigError(f"network namespace {netns!r} ({path}) does not exist; "
                                   "list them with `ip netns list`")
-            self._ds = _open_diag_socket(_in_netns(path, _raw_diag_socket))
+            self._ds = _open_diag_socket(run_in_netns(path, _raw_diag_socket))
         self._lock = threading.Lock()
         self._known: dict[int, FlowSample] = {}
         self._events: list[FlowEvent] = []

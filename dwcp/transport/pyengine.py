@@ -60,7 +60,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dwcp import errors
 from dwcp._buffers import byte_view
