@@ -15,7 +15,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -308,24 +308,7 @@ def _calibrate_pages(pool: _Pool, header: DeltaHeader, region: Callable[[int], A
         size = sum(ctx.encode_buffer(body, None, level, 1, zout) - BATCH_HEADER_BYTES for body in bodies)
         return time.perf_counter() - t, size
 
-    return _decide(samples, compress, pool.threads, link_bps)
-
-
-def _decide(samples: Sequence[tuple[int, float, int]], compress: Callable[[int], tuple[float, int]],
-            threads: int, link_bps: float | None) -> levels.LevelDecision:
-    """Calibrate levels in increasing order; stop once encoding is the bottleneck (a higher level is
-    slower still, so it cannot move data faster), or, without a link, once a level is too slow."""
-    costs = levels.calibrate(samples, compress, threads, levels=())
-    fastest = 0.0  # of the zstd levels
-    for lv in levels.CANDIDATE_LEVELS:
-        c = levels.calibrate(samples, compress, threads, levels=(lv,))[1]
-        costs.append(c)
-        fastest = max(fastest, c.encode_bps)
-        if link_bps is not None and c.encode_bps < link_bps / 8 * c.ratio:
-            break
-        if link_bps is None and c.encode_bps < fastest * levels.OFFLINE_SPEED_FRACTION:
-            break
-    return levels.decide(costs, link_bps)
+    return levels.decide(levels.calibrate(samples, compress, pool.threads, link_bps), link_bps)
 
 
 def _encode_buffer(nv: memoryview, bv: memoryview | None, lvl: int | None | str, link_bps: float | None,
@@ -363,7 +346,8 @@ def _calibrate_buffer(ctx: _core.HdeContext, nv: memoryview, threads: int,
         size = ctx.encode_buffer(sample, None, level, 1, zout) - BATCH_HEADER_BYTES
         return time.perf_counter() - t, size
 
-    return _decide([(len(sample), 0.0, len(sample))], compress, threads, link_bps)
+    return levels.decide(levels.calibrate([(len(sample), 0.0, len(sample))], compress, threads, link_bps),
+                         link_bps)
 
 
 # ---------------------------------------------------------------------------------------------- decode

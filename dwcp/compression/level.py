@@ -124,21 +124,31 @@ def decide(costs: Sequence[LevelCost], link_bps: float | None) -> LevelDecision:
 
 
 def calibrate(samples: Sequence[tuple[int, float, int]],
-              compress: Callable[[int], tuple[float, int]], threads: int,
+              compress: Callable[[int], tuple[float, int]], threads: int, link_bps: float | None,
               levels: Sequence[int] = CANDIDATE_LEVELS) -> list[LevelCost]:
-    """Costs per level from sample batches.
+    """Costs of off and of each level, from sample batches, in increasing level order.
 
     samples: per batch (input bytes, seconds to build its uncompressed body, body bytes).
     compress(level) -> (seconds, compressed bytes) for the same bodies at that level.
-    Encode rate = threads x input / (body build time + compression time)."""
+    Encode rate = threads x input / (body build time + compression time).
+    Stops once a level makes encoding the bottleneck on the link (a higher level is slower still, so
+    it cannot move data faster) or, without a link, once a level is under OFFLINE_SPEED_FRACTION of
+    the fastest level so far (decide() would not pick it)."""
     inp = sum(s[0] for s in samples)
     t_body = sum(s[1] for s in samples)
     body = sum(s[2] for s in samples)
     tiny = 1e-9
     costs = [LevelCost(None, threads * inp / max(t_body, tiny), inp / max(body, 1))]
+    fastest = 0.0  # of the zstd levels
     for level in levels:
         t, out = compress(level)
-        costs.append(LevelCost(level, threads * inp / max(t_body + t, tiny), inp / max(out, 1)))
+        c = LevelCost(level, threads * inp / max(t_body + t, tiny), inp / max(out, 1))
+        costs.append(c)
+        fastest = max(fastest, c.encode_bps)
+        if link_bps is not None and c.encode_bps < link_bps / 8 * c.ratio:
+            break
+        if link_bps is None and c.encode_bps < fastest * OFFLINE_SPEED_FRACTION:
+            break
     return costs
 
 
