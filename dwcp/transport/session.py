@@ -29,7 +29,7 @@ from dwcp._buffers import byte_view
 from dwcp.errors import (ConfigError, DWCPError, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferTimeout, TransportError)
 from dwcp.telemetry.tcp_info import tcp_info
-from dwcp.transport.engine import StreamSetLike, make_stream_set
+from dwcp.transport.engine import make_stream_set
 from dwcp.transport.options import SessionOptions, is_loopback
 from dwcp.wire import messages
 from dwcp.wire.frames import MAX_CONTROL_BYTES, Flag, FrameType, Header, encode_frame
