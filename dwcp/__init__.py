@@ -13,6 +13,7 @@ do ({"cext", "zerocopy", "crc32c_hw", "xxh3", "tls", ...}).
 
 from typing import TYPE_CHECKING, Any
 
+from dwcp._lazy import lazy_attr
 from dwcp.errors import (AdmissionDenied, AuthError, CapabilityError, ConfigError, DWCPError,
                          InsufficientBandwidth, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferTimeout, TransportError)
@@ -39,14 +40,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    import importlib
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name not in ("backend", "backend_features"):
-        # Also the path for submodules during `from dwcp import x`: never import from here then.
-        raise AttributeError(f"module 'dwcp' has no attribute {name!r}")
-    # Computed on first access: probing the kernel at import time would slow every `import dwcp`.
-    features = importlib.import_module("dwcp._features")
-    return features.backend_features() if name == "backend_features" else features.backend()
+    if name in ("backend", "backend_features"):
+        # Computed on first access: probing the kernel at import time would slow every `import dwcp`.
+        from dwcp import _features
+        return _features.backend_features() if name == "backend_features" else _features.backend()
+    return lazy_attr(globals(), __name__, _LAZY, name)
