@@ -7,7 +7,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
+
+#include <linux/magic.h>
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -20,6 +25,7 @@ struct dwcp_ebpf {
 	int hook;
 	int sockops;
 	char reason[1024];
+	char tracefs_note[160];    /* set when this open mounted tracefs */
 	struct dwcp_flow *flows;
 	size_t flows_cap;
 	struct dwcp_event *events;
@@ -215,16 +221,90 @@ static int ev_cb(void *ctx, void *data, size_t size)
 	return 0;
 }
 
+/* The classic tracepoints are attached by id, which libbpf reads from tracefs
+ * (events/<category>/<name>/id under /sys/kernel/tracing, or under /sys/kernel/debug/tracing when that
+ * exists). A freshly booted machine of ours has tracefs mounted nowhere (no systemd mounts it), so the
+ * attach fails with ENOENT. As root we mount it where the kernel provides the mount point; tp_btf needs
+ * none of this (it attaches by BTF id). */
+#define TRACEFS_DIR "/sys/kernel/tracing"
+#define DEBUGFS_TRACING_DIR "/sys/kernel/debug/tracing"
+
+static int tracefs_has_tcp_probe(void)
+{
+	/* libbpf looks under the debugfs path whenever that directory exists, else under tracefs. */
+	if (access(DEBUGFS_TRACING_DIR, F_OK) == 0)
+		return access(DEBUGFS_TRACING_DIR "/events/tcp/tcp_probe/id", R_OK) == 0;
+	return access(TRACEFS_DIR "/events/tcp/tcp_probe/id", R_OK) == 0;
+}
+
+static int ensure_tracefs(struct dwcp_ebpf *h, char *err, size_t errlen)
+{
+	struct statfs fs;
+
+	if (tracefs_has_tcp_probe())
+		return 0;
+	if (access(DEBUGFS_TRACING_DIR, F_OK) == 0 ||
+	    (statfs(TRACEFS_DIR, &fs) == 0 && (unsigned long)fs.f_type == TRACEFS_MAGIC)) {
+		seterr(err, errlen, NULL, "tracefs is mounted but has no tcp/tcp_probe tracepoint (kernel "
+		       "built without it?): use the tp_btf hook");
+		return -ENOENT;
+	}
+	if (mount("tracefs", TRACEFS_DIR, "tracefs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) {
+		int e = errno;
+
+		seterr(err, errlen, NULL, "the classic tracepoints need tracefs, which is not mounted, and "
+		       "mounting it at " TRACEFS_DIR " failed: %s; mount it (mount -t tracefs tracefs "
+		       TRACEFS_DIR ") or use the tp_btf hook", strerror(e));
+		return -e;
+	}
+	snprintf(h->tracefs_note, sizeof(h->tracefs_note), "; mounted tracefs at " TRACEFS_DIR
+		 " (it was not mounted)");
+	if (!tracefs_has_tcp_probe()) {
+		seterr(err, errlen, NULL, "tracefs mounted at " TRACEFS_DIR " has no tcp/tcp_probe "
+		       "tracepoint: use the tp_btf hook");
+		return -ENOENT;
+	}
+	return 0;
+}
+
+/* The sockops program's cgroup, checked before anything is loaded so that a bad path is reported as
+ * such (not as whatever the last hook kind tried failed with). Returns an O_RDONLY fd or -errno. */
+static int open_cgroup(const char *path, char *err, size_t errlen)
+{
+	struct statfs fs;
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+	if (fd < 0) {
+		int e = errno;
+
+		seterr(err, errlen, NULL, "opening cgroup %s for the sockops program failed: %s (pass a "
+		       "cgroup v2 directory)", path, strerror(e));
+		return -e;
+	}
+	if (fstatfs(fd, &fs) != 0 || (unsigned long)fs.f_type != CGROUP2_SUPER_MAGIC) {
+		seterr(err, errlen, NULL, "cgroup %s for the sockops program is not a cgroup v2 directory "
+		       "(pass one under the cgroup2 mount)", path);
+		close(fd);
+		return -ENOTDIR;
+	}
+	return fd;
+}
+
 /* Open, configure, load and attach the programs of one hook kind. */
-static int load_attach(struct dwcp_ebpf *h, const struct dwcp_ebpf_opts *o, int hook, char *err,
-		       size_t errlen, struct logbuf *lb)
+static int load_attach(struct dwcp_ebpf *h, const struct dwcp_ebpf_opts *o, int hook, int cgfd,
+		       char *err, size_t errlen, struct logbuf *lb)
 {
 	struct dwcp_fs *s;
 	int btf = hook == DWCP_EBPF_HOOK_TP_BTF;
-	int rc, cgfd;
+	int rc;
 	uint32_t i;
 
 	log_reset(lb);
+	if (!btf) {
+		rc = ensure_tracefs(h, err, errlen);
+		if (rc)
+			return rc;
+	}
 	s = dwcp_fs__open();
 	if (!s) {
 		rc = -errno;
@@ -264,17 +344,9 @@ static int load_attach(struct dwcp_ebpf *h, const struct dwcp_ebpf_opts *o, int 
 		seterr(err, errlen, lb, "attaching the %s programs failed: %s", hook_name(hook), strerror(-rc));
 		goto fail;
 	}
-	if (o->cgroup) {
-		cgfd = open(o->cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		if (cgfd < 0) {
-			rc = -errno;
-			seterr(err, errlen, NULL, "opening cgroup %s for the sockops program failed: %s "
-			       "(pass a cgroup v2 directory)", o->cgroup, strerror(-rc));
-			goto fail;
-		}
+	if (cgfd >= 0) {
 		s->links.dwcp_sockops = bpf_program__attach_cgroup(s->progs.dwcp_sockops, cgfd);
 		rc = s->links.dwcp_sockops ? 0 : -errno;
-		close(cgfd);
 		if (rc) {
 			seterr(err, errlen, lb, "attaching the sockops program to %s failed: %s "
 			       "(it must be a cgroup v2 directory)", o->cgroup, strerror(-rc));
@@ -334,7 +406,7 @@ int dwcp_ebpf_open(const struct dwcp_ebpf_opts *o, struct dwcp_ebpf **out, char 
 	struct dwcp_ebpf *h;
 	struct logbuf lb;
 	char first[700];
-	int rc;
+	int rc, cgfd = -1;
 
 	*out = NULL;
 	if (o->nports > DWCP_MAX_FILTER_PORTS) {
@@ -351,13 +423,20 @@ int dwcp_ebpf_open(const struct dwcp_ebpf_opts *o, struct dwcp_ebpf **out, char 
 		return -ENOMEM;
 	}
 	h->sockops = o->cgroup != NULL;
+	if (o->cgroup) {
+		cgfd = open_cgroup(o->cgroup, err, errlen);
+		if (cgfd < 0) {
+			free(h);
+			return cgfd;
+		}
+	}
 	log_begin(&lb);
 	if (o->hook == DWCP_EBPF_HOOK_TRACEPOINT) {
-		rc = load_attach(h, o, DWCP_EBPF_HOOK_TRACEPOINT, err, errlen, &lb);
+		rc = load_attach(h, o, DWCP_EBPF_HOOK_TRACEPOINT, cgfd, err, errlen, &lb);
 		h->hook = DWCP_EBPF_HOOK_TRACEPOINT;
-		snprintf(h->reason, sizeof(h->reason), "tracepoint: forced by the caller");
+		snprintf(h->reason, sizeof(h->reason), "tracepoint: forced by the caller%s", h->tracefs_note);
 	} else {
-		rc = load_attach(h, o, DWCP_EBPF_HOOK_TP_BTF, first, sizeof(first), &lb);
+		rc = load_attach(h, o, DWCP_EBPF_HOOK_TP_BTF, cgfd, first, sizeof(first), &lb);
 		h->hook = DWCP_EBPF_HOOK_TP_BTF;
 		if (rc == 0) {
 			snprintf(h->reason, sizeof(h->reason), "tp_btf: %s",
@@ -367,14 +446,16 @@ int dwcp_ebpf_open(const struct dwcp_ebpf_opts *o, struct dwcp_ebpf **out, char 
 		} else if (o->hook == DWCP_EBPF_HOOK_TP_BTF) {
 			snprintf(err, errlen, "%s", first);
 		} else {
-			rc = load_attach(h, o, DWCP_EBPF_HOOK_TRACEPOINT, err, errlen, &lb);
+			rc = load_attach(h, o, DWCP_EBPF_HOOK_TRACEPOINT, cgfd, err, errlen, &lb);
 			h->hook = DWCP_EBPF_HOOK_TRACEPOINT;
 			snprintf(h->reason, sizeof(h->reason),
 				 "tracepoint: tp_btf could not be used (%s); using the classic tracepoints "
-				 "with CO-RE reads", first);
+				 "with CO-RE reads%s", first, h->tracefs_note);
 		}
 	}
 	log_end();
+	if (cgfd >= 0)
+		close(cgfd);   /* the sockops link holds its own reference to the cgroup */
 	if (rc)
 		goto fail;
 	h->rb = ring_buffer__new(bpf_map__fd(h->skel->maps.dwcp_events), ev_cb, h, NULL);

@@ -396,3 +396,41 @@ def test_flows_older_than_the_programs_are_seen_at_once(ebpf_ready: None) -> Non
     finally:
         for x in a + b:
             x.close()
+
+
+UNMOUNTED_TRACEFS = textwrap.dedent("""
+    import json, os, subprocess
+    # A fresh machine of ours boots with tracefs mounted nowhere; this private mount namespace is made
+    # to look like one (the host's mounts are untouched).
+    for path in ("/sys/kernel/debug/tracing", "/sys/kernel/tracing", "/sys/kernel/debug"):
+        subprocess.run(["umount", "-l", path], capture_output=True)
+    assert not os.path.exists("/sys/kernel/tracing/events"), "tracefs still mounted"
+    from dwcp.telemetry.ebpf_source import EbpfSource
+    with EbpfSource(hook="tracepoint", sockops=False) as src:
+        print(json.dumps([src.hook, src.hook_reason, os.path.exists("/sys/kernel/tracing/events")]))
+""")
+
+
+@kernel
+def test_tracepoint_hook_mounts_tracefs_on_a_fresh_machine(ebpf_ready: None) -> None:
+    """The classic tracepoints attach by an id read from tracefs, which a newly booted machine has not
+    mounted: the loader mounts it (as root) instead of failing with ENOENT."""
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+                          UNMOUNTED_TRACEFS], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    hook, reason, mounted = json.loads(out.stdout)
+    assert hook == "tracepoint" and "mounted tracefs" in reason and mounted
+
+
+@kernel
+def test_bad_cgroup_is_reported_before_any_program_loads(ebpf_ready: None, tmp_path: Any) -> None:
+    """A cgroup that does not exist, or a directory that is not a cgroup v2 one, names the cgroup,
+    whichever hook would have been tried (the tracepoint fallback used to hide it)."""
+    from dwcp.errors import CapabilityError
+    from dwcp.telemetry.ebpf_source import EbpfSource
+
+    for hook in ("tp_btf", "tracepoint", None):
+        with pytest.raises(CapabilityError, match="cgroup /nonexistent-cgroup"):
+            EbpfSource(cgroup="/nonexistent-cgroup", hook=hook)
+        with pytest.raises(CapabilityError, match="not a cgroup v2 directory"):
+            EbpfSource(cgroup=str(tmp_path), hook=hook)
