@@ -1,7 +1,7 @@
 """dwcp-bench: memory-to-memory throughput between two hosts (or two processes), like iperf.
 
-    dwcp-bench server [--bind ADDR]
-    dwcp-bench client HOST [-P N] [-t SECONDS] [-l CHUNK] [--json]
+    dwcp-bench server [--bind HOST[:PORT]]
+    dwcp-bench client HOST[:PORT] [-p PORT] [-P N] [-t SECONDS] [-l CHUNK] [--json]
     dwcp-bench loopback [-P N] [-t SECONDS] [--json]
 
 The client sends time-bounded transfers that wrap around a buffer (Session.send_for); the server
@@ -26,8 +26,9 @@ from typing import Any
 import click
 
 import dwcp
-from dwcp.errors import DWCPError
+from dwcp.errors import ConfigError, DWCPError
 from dwcp.telemetry import LinkMonitor, open_source, source_info
+from dwcp.transport.options import parse_address
 from dwcp.transport.session import Session
 from dwcp.wire.messages import XferKind
 
@@ -103,13 +104,15 @@ def main() -> None:
 
 @main.command()
 @click.option("--bind", "bind", default=f":{DEFAULT_PORT}", show_default=True,
-              help="Address to listen on (HOST:PORT, :PORT for all).")
+              help=f"Address to listen on: HOST, HOST:PORT, or :PORT for all (port {DEFAULT_PORT} "
+                   "unless given).")
 @click.option("--once", is_flag=True, help="Exit after serving one client.")
 @_key_options
 def server(bind: str, once: bool, key_file: str | None, insecure: bool) -> None:
     """Receive benchmark traffic from `dwcp-bench client`."""
     try:
-        lis = dwcp.listen(bind, key_file=key_file, insecure=insecure)
+        lis = dwcp.listen(parse_address(bind, default_port=DEFAULT_PORT), key_file=key_file,
+                          insecure=insecure)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     host, port = lis.address
@@ -314,16 +317,30 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
         print_summary(result)
 
 
+def client_address(host: str, port: int | None) -> tuple[str, int]:
+    """HOST, HOST:PORT, [V6]:PORT or a bare IPv6 address, with -p PORT (which must agree with a port
+    given in HOST)."""
+    target = parse_address(host, default_port=port or DEFAULT_PORT)
+    if port is not None and target[1] != port:
+        raise ConfigError(f"{host!r} names port {target[1]} but -p says {port}: give the port once")
+    if not target[0]:
+        raise ConfigError(f"no host in {host!r}: dwcp-bench client needs the server's address")
+    return target
+
+
 @main.command()
 @click.argument("host")
-@click.option("-p", "--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=None,
+              help=f"Server port (default {DEFAULT_PORT}; HOST:PORT works too).")
 @_client_options
 @_key_options
-def client(host: str, port: int, streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int,
-           interval_s: float, as_json: bool, key_file: str | None, insecure: bool) -> None:
-    """Send to a `dwcp-bench server` at HOST."""
-    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def client(host: str, port: int | None, streams: int, seconds: float, chunk_bytes: int,
+           buffer_bytes: int, interval_s: float, as_json: bool, key_file: str | None,
+           insecure: bool) -> None:
+    """Send to a `dwcp-bench server` at HOST (HOST:PORT, or HOST with -p PORT)."""
     try:
+        h, p = client_address(host, port)
+        addr = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
         result = run_client(addr, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=None, key_file=key_file,
                             insecure=insecure, quiet=as_json)

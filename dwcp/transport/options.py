@@ -16,22 +16,31 @@ MAX_STREAMS = 256
 CHECKSUMS = ("xxh3", "crc32c")
 
 
-def parse_address(addr: str | tuple[str, int], *, default_host: str = "") -> tuple[str, int]:
-    """'host:port', '[v6]:port', ':port' or (host, port) → (host, port), with a clear error."""
+def parse_address(addr: str | tuple[str, int], *, default_host: str = "",
+                  default_port: int | None = None) -> tuple[str, int]:
+    """'host:port', '[v6]:port', ':port' or (host, port) → (host, port), with a clear error.
+
+    With ``default_port``, a bare host is accepted too ('host', '198.18.0.2', '::1', '[::1]'), as
+    iperf users type it."""
     if isinstance(addr, tuple):
         if len(addr) != 2:
             raise ConfigError(f"address tuple must be (host, port), got {addr!r}")
         host, port = addr
     elif isinstance(addr, str):
+        expected = "'host:port'" + (" or 'host'" if default_port is not None else "")
         if addr.startswith("["):
             host, sep, rest = addr[1:].partition("]")
-            if not sep or not rest.startswith(":"):
+            if not sep or (rest and not rest.startswith(":")) or (not rest and default_port is None):
                 raise ConfigError(f"bad address {addr!r}: expected '[ipv6]:port'")
-            port_s = rest[1:]
+            port_s = rest[1:] if rest else str(default_port)
+        elif default_port is not None and (":" not in addr or addr.count(":") > 1):
+            # A bare host: a name, an IPv4 address, or an IPv6 address without brackets (which
+            # cannot carry a port, its colons being its own).
+            host, port_s = addr, str(default_port)
         else:
             host, sep, port_s = addr.rpartition(":")
             if not sep:
-                raise ConfigError(f"bad address {addr!r}: expected 'host:port'")
+                raise ConfigError(f"bad address {addr!r}: expected {expected}")
             if ":" in host:
                 raise ConfigError(f"bad address {addr!r}: write IPv6 addresses as '[addr]:port'")
         try:

@@ -70,3 +70,50 @@ def test_features_command() -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["features"]["cext"]["available"] is True
+
+
+def test_bind_and_client_addresses_as_iperf_users_type_them() -> None:
+    """--bind HOST takes the default port; the client takes HOST:PORT as well as -p, and a bare IPv6
+    address; a port given twice must agree."""
+    from dwcp.cli.bench import DEFAULT_PORT, client_address
+    from dwcp.errors import ConfigError
+    from dwcp.transport.options import parse_address
+
+    assert parse_address("198.18.0.2", default_port=DEFAULT_PORT) == ("198.18.0.2", DEFAULT_PORT)
+    assert parse_address("[::1]", default_port=DEFAULT_PORT) == ("::1", DEFAULT_PORT)
+    assert parse_address(":7000", default_port=DEFAULT_PORT) == ("", 7000)
+    assert client_address("example.org", None) == ("example.org", DEFAULT_PORT)
+    assert client_address("example.org:7000", None) == ("example.org", 7000)
+    assert client_address("example.org", 7000) == ("example.org", 7000)
+    assert client_address("example.org:7000", 7000) == ("example.org", 7000)
+    assert client_address("::1", 7000) == ("::1", 7000)
+    assert client_address("[::1]:7000", None) == ("::1", 7000)
+    with pytest.raises(ConfigError, match="give the port once"):
+        client_address("example.org:7000", 7001)
+    with pytest.raises(ConfigError, match="bad port"):
+        client_address("example.org:http", None)
+    with pytest.raises(ConfigError, match="expected 'host:port'"):
+        parse_address("example.org")
+
+
+def test_server_bind_host_without_port_and_client_host_colon_port() -> None:
+    env = {**os.environ, "DWCP_KEY": TEST_KEY.decode()}
+    srv = subprocess.Popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", "127.0.0.1", "--once"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert srv.stdout is not None
+        line = srv.stdout.readline()
+        if not line.startswith("listening on "):   # the default port is taken by someone else here
+            assert srv.stderr is not None
+            err = srv.stderr.read()
+            assert "5301" in err, (line, err)
+            pytest.skip(f"port 5301 is in use on this machine: {err.strip()}")
+        assert line.strip() == "listening on 127.0.0.1:5301"
+        r = run("dwcp.cli.bench", "client", "127.0.0.1:5301", "-P", "2", "-t", "0.5", "--json",
+                env={"DWCP_KEY": TEST_KEY.decode()})
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["streams"] == 2
+        srv.wait(timeout=20)
+    finally:
+        srv.kill()
+        srv.wait()
