@@ -1,25 +1,42 @@
-/* AMST engine: one thread drives all data streams of a transfer through one edge-triggered epoll set.
+/* AMST engine: the links of one session (data streams + control connection) driven by edge-triggered
+ * epoll, by the calling thread alone or by a fixed team of I/O threads.
  *
- * Design notes (the why; the protocol itself is docs/protocol.md "Transfers"):
- * - Edge-triggered epoll with per-stream readable/writable flags: interest never changes, so there is
- *   no epoll_ctl per chunk. A short read/write is treated like EAGAIN: the kernel set SOCK_NOSPACE (or
- *   emptied the receive queue) and will signal a new edge when that changes, saving one syscall per
- *   batch. Except after a FIN: a recv returns the data queued before it and the FIN itself raises no
- *   new edge, so once an event carried RDHUP/HUP the stream is read until EAGAIN or EOF.
- * - Per-chunk state is one uint16 (0 = untouched, 1..256 = in flight/being written on stream v-1,
- *   QUEUED, DONE) in an array that grows (doubling) with the highest chunk touched: benchmarks ask for
- *   petabyte logical lengths in wrap mode and stop at a deadline, so nothing is sized by length.
- * - The receiver reads the payload into the destination and, in the same recvmsg, the next frame's
- *   header into the stream's header buffer (a second iovec), saving one recv per chunk.
- * - MSG_ZEROCOPY pins every byte of the sendmsg, header included, until completion; the header lives
- *   in the stream struct and is rewritten for the next chunk, so in zero-copy mode the header goes out
- *   in its own (copying, MSG_MORE) send and only the payload is sent with MSG_ZEROCOPY. */
+ * Design notes (the why; the protocol itself is docs/protocol.md "Transfers" and "Links"):
+ * - Every link keeps its readiness flags across calls (edge-triggered epoll: interest never changes,
+ *   so there is no epoll_ctl per chunk). A flag is cleared only by EAGAIN or a short read/write: the
+ *   kernel then raises a new edge when that changes. After a FIN no new edge comes, so once an event
+ *   carried RDHUP/HUP the link is read until EAGAIN or EOF. Each fd sits in two epoll sets, the
+ *   single-thread one and its I/O thread's; an edge seen by one set is a spurious wakeup in the other
+ *   (one EAGAIN), never a lost one.
+ * - Reads go into a per-link buffer (RBUF_BYTES) and frames are parsed out of it, so many ACKs cost
+ *   one recv; a payload is received straight into the destination with the link buffer as a second
+ *   iovec for whatever follows it. Bytes of a later call (the next transfer's frames) stay in that
+ *   buffer: the link is *parked* on the header and the next call starts from it.
+ * - Writes go out as one sendmsg of up to four pieces, in wire order: the tail of a frame an earlier
+ *   call cut off (carry), a started DATA frame, the small-frame queue (ACK/NACK/DONE/TRUNCATE and
+ *   control frames), a DATA frame not yet started. XFER_BEGIN is queued ahead of a link's first frame
+ *   of a transfer, so it shares that frame's sendmsg and no link ever carries a transfer's data before
+ *   its announcement: a receiver waiting for the announcement can park a link on data it cannot place
+ *   yet without ever blocking the announcement behind it.
+ * - Per-chunk state is one uint16 (0 = untouched, 1..257 = in flight on link v-1, QUEUED, DONE) in
+ *   pages of 64 Ki entries allocated when first touched: benchmarks announce lengths of millions of
+ *   chunks and stop at a deadline. Threads change it with compare-and-swap; the re-send queue, the
+ *   next fresh chunk and truncation are under the transfer's mutex (taken once per chunk, never per
+ *   syscall).
+ * - A receiver hashes each slice of a payload right after the recvmsg that brought it (incremental
+ *   XXH3/CRC32C), while the bytes are still in cache, instead of re-reading the whole chunk at its end.
+ * - MSG_ZEROCOPY pins every byte of the sendmsg until completion; the header and queued frames live in
+ *   link memory that is rewritten for the next chunk, so in zero-copy mode everything before the
+ *   payload goes out in its own (copying, MSG_MORE) send and only the payload is sent zero-copy.
+ * - Counters are per thread (no shared cache line on the data path) and summed when read. */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/errqueue.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -47,83 +64,130 @@
 
 #define ST_DONE 0xffffu
 #define ST_QUEUED 0xfffeu
-#define EV_INTERRUPT 0xffffffffu
+#define SP_SHIFT 16 /* chunk states per page: 64 Ki */
+#define SP_SIZE (1u << SP_SHIFT)
+#define MAX_CHUNKS ((uint64_t)1 << 36)
+#define EV_WAKE 0xffffffffu
+#define RBUF_BYTES (16u << 10)
 #define SCRATCH_BYTES (256u << 10)
-#define RX_BUDGET_BYTES (4u << 20) /* per stream per loop: keeps streams fair and ACKs flowing */
+#define RX_BUDGET_BYTES (4u << 20) /* per link per loop: keeps links fair and ACKs flowing */
 #define TX_BUDGET_FRAMES 8
 #define ZC_PROBE_RANGES 8 /* completions looked at before deciding the kernel always copies */
-#define ACK_BATCH 128     /* ACK-side frames parsed per recv */
+#define INBOX_MAX 16      /* control frames a peer may have outstanding; more is a protocol error */
+#define PROGRESS_PUBLISH_NS 1000000
 
-enum { RX_HDR = 0, RX_DEST = 1, RX_DISCARD = 2 };
+enum { RX_HDR = 0, RX_DEST, RX_DISCARD, RX_CTL };
 
 #ifdef DWCP_DEBUG_COUNTERS
-static int64_t g_live_sets, g_zc_pending, g_carry_buffers;
+static int64_t g_live_sets, g_zc_pending, g_carry_buffers, g_io_threads;
 #define DBG_ADD(var, v) __atomic_fetch_add(&(var), (int64_t)(v), __ATOMIC_RELAXED)
 #else
 #define DBG_ADD(var, v) ((void)0)
 #endif
 
-typedef struct stream {
-    int fd;
-    int idx;
-    int alive;    /* atomic: read by other threads through dwcp_streams_alive */
-    int kill_req; /* atomic: set by dwcp_streams_kill from any thread, applied by the engine */
-    int readable; /* edge-triggered readiness not yet consumed */
-    int writable;
-    int hup;      /* an event reported RDHUP/HUP: a short read no longer means "drained" */
+#define LOAD(p) __atomic_load_n(&(p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
 
-    /* outgoing data frame (sender) */
+typedef struct lnk {
+    int fd;
+    int idx;       /* 0..n-1 data streams, n the control connection */
+    uint16_t wire; /* the stream index its frames carry */
+    int is_ctl;
+    int owner;     /* I/O thread that drives it in multi-thread calls */
+    int alive;     /* atomic */
+    int kill_req;  /* atomic: set by dwcp_streams_kill from any thread, applied by the owner */
+    int readable, writable, hup;
+    int parked;    /* the header at the front of rb belongs to a later call */
+    uint64_t begun_tid; /* XFER_BEGIN of this transfer is queued on (or went out on) this lnk */
+    int begun;
+
+    /* outgoing, in wire order: carry, [started DATA], wq, [DATA not started] */
+    uint8_t *carry;
+    size_t carry_len, carry_off;
+    uint8_t *wq;
+    size_t wq_len, wq_off, wq_cap;
     int tx_active;
     uint64_t tx_chunk;
     uint8_t tx_hdr[DWCP_HEADER_BYTES];
     const uint8_t *tx_pay;
     size_t tx_pay_len;
-    size_t tx_sent;    /* bytes of header+payload written */
-    uint8_t *tx_carry; /* private copy of a frame's unsent tail that outlived its call */
-    size_t tx_carry_len;
-
-    /* outgoing small frames (receiver: ACK/NACK/DONE; sender: TRUNCATE), whole frames only */
-    uint8_t *ctl;
-    size_t ctl_len, ctl_off, ctl_cap;
+    size_t tx_sent; /* bytes of header + payload written */
 
     /* incoming */
-    uint8_t rx_hdr[DWCP_HEADER_BYTES];
-    size_t rx_hdr_got;
+    uint8_t *rb;
+    size_t rb_head, rb_tail;
     int rx_mode;
     dwcp_frame rx_f;
     uint8_t *rx_dst;
-    uint64_t rx_len, rx_got;
-    uint64_t rx_chunk;
-    int rx_dup_ack; /* discarded duplicate of a verified chunk: ACK it so the sender can finish */
-    int rx_current; /* the discarded frame belongs to the current transfer (counts as duplicate) */
-    int rx_parked;  /* holds a header of the next transfer: read no further in this call */
+    uint64_t rx_len, rx_got, rx_chunk;
+    int rx_dup_ack;    /* discarded duplicate of a verified chunk: ACK it so the sender can finish */
+    int rx_current;    /* the discarded frame belongs to the current transfer (counts as duplicate) */
+    int rx_done_reply; /* late chunk of the last transfer received: answer DONE again */
+    dwcp_csum rx_sum;
+    uint8_t *rx_ctl;   /* payload of a control frame (allocated at first use) */
 
     /* MSG_ZEROCOPY bookkeeping: the kernel numbers successful zero-copy sendmsg calls per socket */
     uint64_t zc_issued, zc_done;
-} stream;
+} lnk;
+
+typedef struct worker {
+    struct dwcp_streams *s;
+    int id;
+    int ep;   /* the links this thread owns in multi-thread calls, and evfd */
+    int evfd; /* wakes this thread: interrupt, kill, re-queued chunks, the end of the transfer */
+    pthread_t th;
+    int started;
+    uint8_t *scratch;
+    dwcp_stats st; /* written by this thread only */
+    char pad[64];  /* keep the next worker's counters off this cache line */
+} worker;
+
+typedef struct ctlmsg {
+    uint8_t type;
+    uint64_t tid;
+    uint32_t len;
+    uint8_t payload[];
+} ctlmsg;
+
+struct xfer;
 
 struct dwcp_streams {
-    int n;
-    int ep;
-    int evfd;
-    int interrupt; /* atomic */
-    int busy;      /* atomic */
-    int kills;     /* atomic: some kill_req is pending */
-    stream *st;
-    dwcp_stats stats;
-    int zc_sockopt;    /* SO_ZEROCOPY set on every socket */
-    int zc_fallback;   /* kernel copies anyway: stop asking for zero-copy for this set's life */
-    int zc_confirmed;  /* a real zero-copy completion was seen: never fall back */
-    unsigned zc_ranges;
-    unsigned zc_copied_ranges;
-    uint8_t *scratch;
-    /* Session uses one set for both directions: late frames of the other direction are recognised
-     * as stale by comparing with the newest id this set sent / received (ids grow per direction). */
+    int n;  /* data streams */
+    int nl; /* links: n, plus the control connection */
+    int T;  /* threads a large transfer uses (worker 0 is the caller) */
+    lnk *l;
+    worker *w;
+    int solo_ep, solo_evfd;
+    int interrupt, busy, kills; /* atomic */
+    int n_alive, n_alive_data;  /* atomic */
+
+    pthread_mutex_t mu; /* helper threads: job hand-off */
+    pthread_cond_t go_cv, done_cv;
+    unsigned gen;
+    int active, stop, threads_ok;
+    struct xfer *job;
+
+    pthread_mutex_t inbox_mu; /* control frames waiting for dwcp_next_control; the stop frame */
+    ctlmsg *inbox[INBOX_MAX];
+    int inbox_head, inbox_n;
+    uint64_t last_begin_id;
+    int have_begin_id;
+    ctlmsg *stop_msg;
+
     uint64_t last_send_id, last_recv_id;
     int have_send_id, have_recv_id;
+    uint64_t done_recv_id, done_recv_len; /* the last transfer received completely */
+    int have_done_recv;
+
+    int zc_sockopt;
+    int zc_fallback;  /* atomic: kernel copies anyway, stop asking for zero-copy for this set's life */
+    int zc_confirmed; /* atomic: a real zero-copy completion was seen: never fall back */
+    unsigned zc_ranges, zc_copied_ranges; /* atomic */
+
+    uint64_t last_errno, last_failed_stream, truncated_at, streams_failed; /* atomic */
 };
 
-/* A duplicate dropped because another stream was writing the chunk (receiver). */
+/* A duplicate dropped because another link was writing the chunk (receiver). */
 typedef struct drop_note {
     uint64_t chunk;
     int via;
@@ -136,29 +200,50 @@ typedef struct xfer {
     uint8_t *buf;
     uint64_t buf_len;
     int wrap;
-    uint64_t length, chunk, K, Keff;
-    uint16_t *st;
-    uint64_t st_cap; /* entries allocated; chunks at or beyond are untouched (0) */
-    uint64_t next;  /* sender: first never-started chunk */
-    uint64_t ndone; /* chunks acknowledged (sender) / verified (receiver) */
-    uint64_t done_bytes;
-    uint64_t *rq;   /* sender: ring of chunks to send again, front first */
+    int sink;
+    uint64_t length, chunk, K;
+    int mt;
+    uint16_t **pages;
+    uint64_t npages;
+    pthread_mutex_t mu;  /* re-send queue, next, truncation, drop notes, pending NACKs */
+    pthread_mutex_t pmu; /* page allocation */
+    uint64_t next;       /* sender: first never-started chunk (written under mu, read atomically) */
+    uint64_t *rq;        /* sender: ring of chunks to send again, front first */
     uint64_t rq_head, rq_n, rq_cap;
-    uint64_t *csum_cache; /* sender, wrap mode: checksum per buffer slot (+1 valid bit array) */
-    uint8_t *csum_valid;
-    drop_note *drops;
-    size_t ndrops, drops_cap;
-    int truncated;
+    uint64_t Keff;       /* chunks after truncation (atomic reads) */
+    int truncated;       /* atomic */
     uint64_t trunc_len;
-    int got_done;
-    int done_queued;
-    uint64_t touched; /* receiver: 1 + highest chunk index written or being written */
-    int64_t last_progress, timeout_ns, deadline;
-    int proto_err;
-    int again;
+    int begin_acked;     /* atomic: a frame of this transfer came back, so XFER_BEGIN arrived */
+    int begun_links;     /* atomic: live links that carried XFER_BEGIN of this transfer */
+    drop_note *drops;
+    size_t ndrops, drops_cap; /* ndrops read atomically */
+    uint64_t *nacks;          /* receiver: NACKs no link of the thread that needed them could carry */
+    size_t nnacks, nacks_cap; /* nnacks read atomically */
+    uint64_t touched;         /* receiver: 1 + highest chunk started (atomic max) */
+    uint64_t ndone, done_bytes; /* atomic: chunks acknowledged (sender) / verified (receiver) */
+    int got_done;             /* atomic */
+    int state;                /* atomic: 0 running, 1 complete, < 0 failed with that code */
+    int flush_rc;             /* under s->mu: a thread could not flush its links at the end */
+    int64_t last_progress;    /* atomic */
+    int proto_err;            /* atomic: the last protocol violation (reported if no link is left) */
+    int64_t timeout_ns, deadline;
     int use_zc;
     uint32_t zc_min;
 } xfer;
+
+/* What one thread does in one call. */
+typedef struct wctx {
+    dwcp_streams *s;
+    xfer *x; /* NULL in dwcp_next_control / dwcp_send_control */
+    worker *w;
+    int ep;
+    int all; /* this thread drives every link (single-thread calls) */
+    int again;
+    int trunc_pushed;
+    int64_t published; /* last progress time written to x->last_progress */
+    uint64_t sink_next; /* sink mode: chunks this thread has placed */
+    int idle_rc;       /* idle calls: an error met while reading (reported if nothing else) */
+} wctx;
 
 static int64_t now_ns(void)
 {
@@ -167,201 +252,345 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static int is_alive(const stream *t)
+static int is_alive(const lnk *t)
 {
     return __atomic_load_n(&t->alive, __ATOMIC_RELAXED);
 }
 
-/* ---------------------------------------------------------------- small frames */
-
-static int ctl_push(stream *t, uint8_t type, uint64_t tid, uint64_t offset)
+static int owns(const wctx *c, const lnk *t)
 {
-    if (t->ctl_len + DWCP_HEADER_BYTES > t->ctl_cap) {
-        size_t cap = t->ctl_cap ? t->ctl_cap * 2 : 64 * DWCP_HEADER_BYTES;
-        uint8_t *p = realloc(t->ctl, cap);
-        if (!p)
-            return DWCP_E_NOMEM;
-        t->ctl = p;
-        t->ctl_cap = cap;
+    return c->all || t->owner == c->w->id;
+}
+
+static void wake(int evfd)
+{
+    uint64_t one = 1;
+    ssize_t r = write(evfd, &one, sizeof one);
+    (void)r;
+}
+
+/* Wake every thread of a multi-thread call but the caller of this function. */
+static void wake_others(wctx *c)
+{
+    if (!c->x || !c->x->mt)
+        return;
+    for (int i = 0; i < c->s->T; i++)
+        if (i != c->w->id)
+            wake(c->s->w[i].evfd);
+}
+
+static void progress(wctx *c, size_t n)
+{
+    DWCP_ADD(c->w->st.bytes_wire, n);
+    if (c->x) {
+        int64_t t = now_ns();
+        if (t - c->published >= PROGRESS_PUBLISH_NS || !c->x->mt) {
+            c->published = t;
+            __atomic_store_n(&c->x->last_progress, t, __ATOMIC_RELAXED);
+        }
     }
-    dwcp_frame f = {.version = DWCP_VERSION, .type = type, .stream = (uint16_t)t->idx,
-                    .transfer_id = tid, .offset = offset};
-    dwcp_frame_encode(&f, t->ctl + t->ctl_len);
-    t->ctl_len += DWCP_HEADER_BYTES;
+}
+
+static void set_state(wctx *c, int state)
+{
+    int expect = 0;
+    if (c->x && __atomic_compare_exchange_n(&c->x->state, &expect, state, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE))
+        wake_others(c);
+}
+
+static int state_of(const xfer *x)
+{
+    return __atomic_load_n(&x->state, __ATOMIC_ACQUIRE);
+}
+
+/* ---------------------------------------------------------------- chunk states */
+
+static uint16_t st_get(const xfer *x, uint64_t c)
+{
+    if (c >= x->K)
+        return 0;
+    uint16_t *page = __atomic_load_n(&x->pages[c >> SP_SHIFT], __ATOMIC_ACQUIRE);
+    return page ? __atomic_load_n(&page[c & (SP_SIZE - 1)], __ATOMIC_ACQUIRE) : 0;
+}
+
+/* The state slot of chunk c (< K), allocating its page if needed; NULL when out of memory. */
+static uint16_t *st_ref(xfer *x, uint64_t c)
+{
+    uint16_t **pp = &x->pages[c >> SP_SHIFT];
+    uint16_t *page = __atomic_load_n(pp, __ATOMIC_ACQUIRE);
+    if (!page) {
+        pthread_mutex_lock(&x->pmu);
+        page = *pp;
+        if (!page) {
+            uint64_t first = c & ~(uint64_t)(SP_SIZE - 1);
+            uint64_t cnt = x->K - first < SP_SIZE ? x->K - first : SP_SIZE;
+            page = calloc((size_t)cnt, sizeof *page);
+            if (page)
+                __atomic_store_n(pp, page, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&x->pmu);
+    }
+    return page ? &page[c & (SP_SIZE - 1)] : NULL;
+}
+
+static int st_cas(uint16_t *slot, uint16_t from, uint16_t to)
+{
+    return __atomic_compare_exchange_n(slot, &from, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+static uint64_t chunk_len(const xfer *x, uint64_t c)
+{
+    uint64_t off = c * x->chunk;
+    uint64_t rest = x->length - off;
+    return rest < x->chunk ? rest : x->chunk;
+}
+
+static uint8_t *chunk_ptr(const xfer *x, uint64_t c)
+{
+    uint64_t off = c * x->chunk;
+    return x->buf + (x->wrap ? off % x->buf_len : off);
+}
+
+/* Sink mode: this thread's next slot, round-robin within its own share of the buffer. */
+static uint8_t *sink_ptr(wctx *c)
+{
+    const xfer *x = c->x;
+    uint64_t slots = x->buf_len / x->chunk;
+    uint64_t nth = x->mt ? (uint64_t)c->s->T : 1;
+    uint64_t first, count;
+    if (slots >= nth) {
+        count = slots / nth;
+        first = (uint64_t)c->w->id * count;
+    } else {
+        count = 1;
+        first = (uint64_t)c->w->id % slots;
+    }
+    return x->buf + (first + c->sink_next++ % count) * x->chunk;
+}
+
+/* ---------------------------------------------------------------- the small-frame queue */
+
+static int wq_reserve(lnk *t, size_t more)
+{
+    if (t->wq_off && t->wq_off == t->wq_len)
+        t->wq_off = t->wq_len = 0;
+    if (t->wq_len + more <= t->wq_cap)
+        return 0;
+    if (t->wq_off) { /* no iovec points into the queue between syscalls: compact it */
+        memmove(t->wq, t->wq + t->wq_off, t->wq_len - t->wq_off);
+        t->wq_len -= t->wq_off;
+        t->wq_off = 0;
+        if (t->wq_len + more <= t->wq_cap)
+            return 0;
+    }
+    size_t cap = t->wq_cap ? t->wq_cap : 64 * DWCP_HEADER_BYTES;
+    while (cap < t->wq_len + more)
+        cap *= 2;
+    uint8_t *p = realloc(t->wq, cap);
+    if (!p)
+        return DWCP_E_NOMEM;
+    t->wq = p;
+    t->wq_cap = cap;
     return 0;
 }
 
-static int ctl_pending(const stream *t)
+static int wq_pending(const lnk *t)
 {
-    return t->ctl_off < t->ctl_len;
+    return t->wq_off < t->wq_len;
 }
 
-/* Drop frames that were queued but never started; finish only the one already on the wire, so the
- * byte stream stays framed but the next call does not send stale ACKs for nothing. */
-static void ctl_trim(stream *t)
+/* Queue a frame: header-only (ACK/NACK/DONE/TRUNCATE: flags and checksum 0) or a control frame whose
+ * payload is CRC32C-checksummed. */
+static int wq_frame(lnk *t, uint8_t type, uint64_t tid, uint64_t offset, const uint8_t *payload,
+                    uint32_t len)
 {
-    if (!ctl_pending(t)) {
-        t->ctl_len = t->ctl_off = 0;
+    if (wq_reserve(t, DWCP_HEADER_BYTES + len) < 0)
+        return DWCP_E_NOMEM;
+    dwcp_frame f = {.version = DWCP_VERSION, .type = type, .stream = t->wire, .length = len,
+                    .transfer_id = tid, .offset = offset};
+    if (len) {
+        f.flags = DWCP_FLAG_CSUM_CRC32C;
+        f.checksum = dwcp_crc32c(0, payload, len);
+    }
+    dwcp_frame_encode(&f, t->wq + t->wq_len);
+    if (len)
+        memcpy(t->wq + t->wq_len + DWCP_HEADER_BYTES, payload, len);
+    t->wq_len += DWCP_HEADER_BYTES + len;
+    return 0;
+}
+
+/* Drop queued frames that never started; finish only the one already partly on the wire, so the byte
+ * stream stays framed but a later call sends no stale ACKs for nothing. */
+static void wq_trim(lnk *t)
+{
+    if (!wq_pending(t)) {
+        t->wq_len = t->wq_off = 0;
         return;
     }
-    size_t keep_end = (t->ctl_off + DWCP_HEADER_BYTES - 1) / DWCP_HEADER_BYTES * DWCP_HEADER_BYTES;
-    if (t->ctl_off % DWCP_HEADER_BYTES == 0)
-        keep_end = t->ctl_off;
-    if (keep_end < t->ctl_len)
-        t->ctl_len = keep_end;
-    if (t->ctl_off == t->ctl_len)
-        t->ctl_len = t->ctl_off = 0;
+    size_t pos = 0;
+    while (pos < t->wq_off)
+        pos += DWCP_HEADER_BYTES + dwcp_ld32(t->wq + pos + 12);
+    t->wq_len = pos;
+    if (t->wq_off == t->wq_len)
+        t->wq_len = t->wq_off = 0;
 }
 
-/* ---------------------------------------------------------------- stream death */
+/* ---------------------------------------------------------------- link death */
 
-static void tx_clear(stream *t)
+static void carry_free(lnk *t)
 {
-    if (t->tx_carry) {
-        free(t->tx_carry);
-        t->tx_carry = NULL;
+    if (t->carry) {
+        free(t->carry);
+        t->carry = NULL;
         DBG_ADD(g_carry_buffers, -1);
     }
-    t->tx_active = 0;
-    t->tx_sent = 0;
+    t->carry_len = t->carry_off = 0;
 }
 
-static void stream_reset_io(stream *t)
-{
-    tx_clear(t);
-    t->ctl_len = t->ctl_off = 0;
-    t->rx_hdr_got = 0;
-    t->rx_mode = RX_HDR;
-    t->readable = t->writable = 0;
-}
-
-static void mark_dead(dwcp_streams *s, stream *t, int err)
+static void mark_dead(dwcp_streams *s, lnk *t, int err)
 {
     if (!is_alive(t))
         return;
-    __atomic_store_n(&t->alive, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->alive, 0, __ATOMIC_RELEASE);
+    __atomic_fetch_sub(&s->n_alive, 1, __ATOMIC_ACQ_REL);
+    if (!t->is_ctl)
+        __atomic_fetch_sub(&s->n_alive_data, 1, __ATOMIC_ACQ_REL);
     /* Shut down so the peer learns at once (its reads see EOF) instead of waiting for a timeout. */
     shutdown(t->fd, SHUT_RDWR);
-    epoll_ctl(s->ep, EPOLL_CTL_DEL, t->fd, NULL);
-    DWCP_ADD(s->stats.streams_failed, 1);
-    DWCP_SET(s->stats.last_failed_stream, t->idx);
+    epoll_ctl(s->solo_ep, EPOLL_CTL_DEL, t->fd, NULL);
+    epoll_ctl(s->w[t->owner].ep, EPOLL_CTL_DEL, t->fd, NULL);
+    DWCP_ADD(s->streams_failed, 1);
+    DWCP_SET(s->last_failed_stream, t->idx);
     if (err > 0)
-        DWCP_SET(s->stats.last_errno, err);
-    stream_reset_io(t);
+        DWCP_SET(s->last_errno, err);
+    carry_free(t);
+    t->wq_len = t->wq_off = 0;
+    t->tx_active = 0;
+    t->tx_sent = 0;
+    t->rb_head = t->rb_tail = 0;
+    t->rx_mode = RX_HDR;
+    t->readable = t->writable = 0;
+    t->parked = 0;
 }
 
 static void rq_push(xfer *x, uint64_t c, int front);
 static int drop_take(xfer *x, uint64_t c);
-static uint16_t st_get(const xfer *x, uint64_t c);
+static int ctl_push(lnk *t, uint8_t type, uint64_t tid, uint64_t offset);
 
-/* A stream died during a transfer: give its chunks back (sender) or forget its half-written chunk
- * (receiver). err > 0 is an errno, err < 0 a DWCP_E_* protocol code, 0 a plain EOF or kill. */
-static void stream_die(xfer *x, stream *t, int err)
+/* Queue a NACK for chunk c on a live link this thread drives (preferably via), else leave it to the
+ * other threads. */
+static void nack_somewhere(wctx *c, uint64_t chunk, int via)
+{
+    dwcp_streams *s = c->s;
+    xfer *x = c->x;
+    lnk *target = NULL;
+    if (via >= 0 && is_alive(&s->l[via]) && owns(c, &s->l[via]))
+        target = &s->l[via];
+    for (int i = 0; !target && i < s->nl; i++)
+        if (is_alive(&s->l[i]) && owns(c, &s->l[i]))
+            target = &s->l[i];
+    if (target) {
+        if (ctl_push(target, DWCP_T_NACK, x->o->transfer_id, chunk * x->chunk) < 0)
+            set_state(c, DWCP_E_NOMEM);
+        return;
+    }
+    pthread_mutex_lock(&x->mu);
+    if (x->nnacks == x->nacks_cap) {
+        size_t cap = x->nacks_cap ? x->nacks_cap * 2 : 16;
+        uint64_t *p = realloc(x->nacks, cap * sizeof *p);
+        if (!p) {
+            pthread_mutex_unlock(&x->mu);
+            set_state(c, DWCP_E_NOMEM);
+            return;
+        }
+        x->nacks = p;
+        x->nacks_cap = cap;
+    }
+    x->nacks[x->nnacks] = chunk;
+    __atomic_store_n(&x->nnacks, x->nnacks + 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&x->mu);
+    wake_others(c);
+}
+
+/* A link died: give its chunks back (sender) or forget its half-written chunk (receiver). err > 0 is
+ * an errno, err < 0 a DWCP_E_* protocol code, 0 a plain EOF or kill. */
+static void link_die(wctx *c, lnk *t, int err)
 {
     if (!is_alive(t))
         return;
+    dwcp_streams *s = c->s;
+    xfer *x = c->x;
     int in_flight = t->rx_mode == RX_DEST;
     uint64_t rx_chunk = t->rx_chunk;
-    mark_dead(x->s, t, err > 0 ? err : 0);
-    if (err < 0)
-        x->proto_err = err;
+    int had_begin = x && t->begun && t->begun_tid == x->o->transfer_id;
+    mark_dead(s, t, err > 0 ? err : 0);
+    if (err < 0) {
+        if (x)
+            __atomic_store_n(&x->proto_err, err, __ATOMIC_RELAXED);
+        else
+            c->idle_rc = err;
+    }
+    if (!x)
+        return;
     uint16_t me = (uint16_t)(t->idx + 1);
     if (x->sender) {
-        for (uint64_t c = 0; c < x->next; c++) {
-            if (x->st[c] == me) {
-                x->st[c] = ST_QUEUED;
-                rq_push(x, c, 0);
-            }
+        if (had_begin)
+            __atomic_fetch_sub(&x->begun_links, 1, __ATOMIC_ACQ_REL);
+        pthread_mutex_lock(&x->mu);
+        uint64_t next = x->next;
+        for (uint64_t p = 0; p * SP_SIZE < next; p++) {
+            uint16_t *page = __atomic_load_n(&x->pages[p], __ATOMIC_ACQUIRE);
+            if (!page)
+                continue;
+            uint64_t end = next - p * SP_SIZE < SP_SIZE ? next - p * SP_SIZE : SP_SIZE;
+            for (uint64_t j = 0; j < end; j++)
+                if (__atomic_load_n(&page[j], __ATOMIC_RELAXED) == me && st_cas(&page[j], me, ST_QUEUED))
+                    rq_push(x, p * SP_SIZE + j, 0);
         }
+        pthread_mutex_unlock(&x->mu);
     } else if (in_flight && st_get(x, rx_chunk) == me) {
-        x->st[rx_chunk] = 0;
-        int via = drop_take(x, rx_chunk);
+        uint16_t *slot = st_ref(x, rx_chunk);
+        if (slot)
+            st_cas(slot, me, 0);
+        int via = -1;
+        if (__atomic_load_n(&x->ndrops, __ATOMIC_ACQUIRE)) {
+            pthread_mutex_lock(&x->mu);
+            via = drop_take(x, rx_chunk);
+            pthread_mutex_unlock(&x->mu);
+        }
         if (via >= 0) {
-            /* A copy of this chunk arrived on another stream meanwhile and was dropped; the sender
-             * counts that copy as outstanding on a live stream and will not resend on its own, so
+            /* A copy of this chunk arrived on another link meanwhile and was dropped; the sender
+             * counts that copy as outstanding on a live link and will not resend on its own, so
              * ask for it ("offset = chunk to send again"), preferably where the copy came in. */
-            stream *target = NULL;
-            if (is_alive(&x->s->st[via]))
-                target = &x->s->st[via];
-            for (int i = 0; !target && i < x->s->n; i++)
-                if (is_alive(&x->s->st[i]))
-                    target = &x->s->st[i];
-            if (target && ctl_push(target, DWCP_T_NACK, x->o->transfer_id, rx_chunk * x->chunk) < 0)
-                x->proto_err = DWCP_E_NOMEM;
+            nack_somewhere(c, rx_chunk, via);
         }
     }
-    x->again = 1;
+    c->again = 1;
+    wake_others(c);
 }
 
-static void apply_kills(xfer *x)
+static void apply_kills(wctx *c)
 {
-    dwcp_streams *s = x->s;
-    if (!__atomic_exchange_n(&s->kills, 0, __ATOMIC_ACQ_REL))
+    dwcp_streams *s = c->s;
+    if (!__atomic_load_n(&s->kills, __ATOMIC_ACQUIRE))
         return;
-    for (int i = 0; i < s->n; i++)
-        if (__atomic_load_n(&s->st[i].kill_req, __ATOMIC_RELAXED))
-            stream_die(x, &s->st[i], 0);
+    for (int i = 0; i < s->nl; i++) {
+        lnk *t = &s->l[i];
+        if (owns(c, t) && is_alive(t) && __atomic_load_n(&t->kill_req, __ATOMIC_ACQUIRE))
+            link_die(c, t, 0);
+    }
 }
 
-static void progress(xfer *x, dwcp_streams *s, size_t n)
-{
-    x->last_progress = now_ns();
-    DWCP_ADD(s->stats.bytes_wire, n);
-}
-
-/* Any other errno from a data socket means the stream is gone (reset, broken pipe, ...). */
+/* Any other errno from a socket means the link is gone (reset, broken pipe, ...). */
 static int would_block(int e)
 {
     return e == EAGAIN || e == EWOULDBLOCK;
 }
 
-enum { RECV_GOT, RECV_RETRY, RECV_STOP };
-
-/* What a non-blocking recv()/recvmsg() result means for stream t: bytes arrived (RECV_GOT), try again
- * (EINTR), or stop reading now -- the socket is drained (t->readable cleared) or the stream died (EOF
- * or an error; stream_die has run). One place, so every read path treats EOF and errors alike. */
-static int recv_result(xfer *x, stream *t, ssize_t n)
-{
-    if (n > 0)
-        return RECV_GOT;
-    if (n < 0 && errno == EINTR)
-        return RECV_RETRY;
-    if (n < 0 && would_block(errno)) {
-        t->readable = 0;
-        return RECV_STOP;
-    }
-    stream_die(x, t, n < 0 ? errno : 0);
-    return RECV_STOP;
-}
-
-static int flush_ctl(xfer *x, stream *t)
-{
-    while (ctl_pending(t) && t->writable) {
-        size_t want = t->ctl_len - t->ctl_off;
-        ssize_t n = send(t->fd, t->ctl + t->ctl_off, want, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (would_block(errno)) {
-                t->writable = 0;
-                break;
-            }
-            stream_die(x, t, errno);
-            return -1;
-        }
-        t->ctl_off += (size_t)n;
-        progress(x, x->s, (size_t)n);
-        if ((size_t)n < want)
-            t->writable = 0;
-    }
-    if (!ctl_pending(t))
-        t->ctl_len = t->ctl_off = 0;
-    return 0;
-}
-
 /* ---------------------------------------------------------------- zero-copy completions */
 
-static void zc_reap(dwcp_streams *s, stream *t)
+static void zc_reap(dwcp_streams *s, lnk *t, dwcp_stats *st)
 {
     for (;;) {
         uint8_t cbuf[256];
@@ -387,19 +616,18 @@ static void zc_reap(dwcp_streams *s, stream *t)
             uint32_t cnt = ee.ee_data - ee.ee_info + 1;
             t->zc_done += cnt;
             DBG_ADD(g_zc_pending, -(int64_t)cnt);
-            DWCP_ADD(s->stats.zc_completions, cnt);
+            DWCP_ADD(st->zc_completions, cnt);
             int copied = (ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED) != 0;
             if (copied)
-                DWCP_ADD(s->stats.zc_copied, cnt);
-            if (!s->zc_confirmed && !s->zc_fallback) {
-                s->zc_ranges++;
+                DWCP_ADD(st->zc_copied, cnt);
+            if (!LOAD(s->zc_confirmed) && !LOAD(s->zc_fallback)) {
+                __atomic_fetch_add(&s->zc_ranges, 1, __ATOMIC_RELAXED);
                 if (!copied) {
-                    s->zc_confirmed = 1;
-                } else if (++s->zc_copied_ranges >= ZC_PROBE_RANGES) {
+                    STORE(s->zc_confirmed, 1);
+                } else if (__atomic_add_fetch(&s->zc_copied_ranges, 1, __ATOMIC_RELAXED) >= ZC_PROBE_RANGES) {
                     /* The kernel copies every send on this path (loopback, veth, no SG device):
                      * pinning only adds the notification cost, so plain sends are faster. */
-                    s->zc_fallback = 1;
-                    DWCP_SET(s->stats.zc_fallback, 1);
+                    STORE(s->zc_fallback, 1);
                 }
             }
         }
@@ -408,14 +636,14 @@ static void zc_reap(dwcp_streams *s, stream *t)
 
 static int zc_outstanding(const dwcp_streams *s)
 {
-    for (int i = 0; i < s->n; i++)
-        if (s->st[i].zc_issued != s->st[i].zc_done)
+    for (int i = 0; i < s->nl; i++)
+        if (s->l[i].zc_issued != s->l[i].zc_done)
             return 1;
     return 0;
 }
 
 /* The caller may reuse its buffer only after the kernel released every pinned page: wait for the
- * completions (POLLERR is raised while the error queue is non-empty, also on dead streams). */
+ * completions (POLLERR is raised while the error queue is non-empty, also on dead links). */
 static int zc_drain(dwcp_streams *s, int timeout_ms)
 {
     int64_t end = now_ns() + (int64_t)timeout_ms * 1000000;
@@ -423,15 +651,15 @@ static int zc_drain(dwcp_streams *s, int timeout_ms)
     int rc = 0;
     while (zc_outstanding(s)) {
         if (!pf) {
-            pf = calloc((size_t)s->n, sizeof *pf);
+            pf = calloc((size_t)s->nl, sizeof *pf);
             if (!pf)
                 return DWCP_E_NOMEM;
         }
         int m = 0;
-        for (int i = 0; i < s->n; i++) {
-            stream *t = &s->st[i];
+        for (int i = 0; i < s->nl; i++) {
+            lnk *t = &s->l[i];
             if (t->zc_issued != t->zc_done) {
-                zc_reap(s, t);
+                zc_reap(s, t, &s->w[0].st);
                 if (t->zc_issued != t->zc_done) {
                     pf[m].fd = t->fd;
                     pf[m].events = 0;
@@ -449,7 +677,7 @@ static int zc_drain(dwcp_streams *s, int timeout_ms)
         }
         int w = poll(pf, (nfds_t)m, (int)(left / 1000000) + 1);
         if (w < 0 && errno != EINTR) {
-            DWCP_SET(s->stats.last_errno, errno);
+            DWCP_SET(s->last_errno, errno);
             rc = DWCP_E_SYSCALL;
             break;
         }
@@ -460,29 +688,6 @@ static int zc_drain(dwcp_streams *s, int timeout_ms)
 
 /* ---------------------------------------------------------------- sender */
 
-static uint16_t st_get(const xfer *x, uint64_t c)
-{
-    return c < x->st_cap ? x->st[c] : 0;
-}
-
-static int st_reserve(xfer *x, uint64_t c)
-{
-    if (c < x->st_cap)
-        return 0;
-    uint64_t cap = x->st_cap ? x->st_cap : 4096;
-    while (cap <= c)
-        cap *= 2;
-    if (cap > x->K)
-        cap = x->K;
-    uint16_t *p = realloc(x->st, (size_t)cap * sizeof *p);
-    if (!p)
-        return DWCP_E_NOMEM;
-    memset(p + x->st_cap, 0, (size_t)(cap - x->st_cap) * sizeof *p);
-    x->st = p;
-    x->st_cap = cap;
-    return 0;
-}
-
 static void rq_push(xfer *x, uint64_t c, int front)
 {
     if (x->rq_n == x->rq_cap) {
@@ -491,7 +696,7 @@ static void rq_push(xfer *x, uint64_t c, int front)
         uint64_t cap = x->rq_cap ? x->rq_cap * 2 : 256;
         uint64_t *p = malloc((size_t)cap * sizeof *p);
         if (!p) {
-            x->proto_err = DWCP_E_NOMEM;
+            __atomic_store_n(&x->proto_err, DWCP_E_NOMEM, __ATOMIC_RELAXED);
             return;
         }
         for (uint64_t i = 0; i < x->rq_n; i++)
@@ -507,69 +712,51 @@ static void rq_push(xfer *x, uint64_t c, int front)
     } else {
         x->rq[(x->rq_head + x->rq_n) % x->rq_cap] = c;
     }
-    x->rq_n++;
+    __atomic_store_n(&x->rq_n, x->rq_n + 1, __ATOMIC_RELEASE);
 }
 
-static uint64_t chunk_len(const xfer *x, uint64_t c)
+/* Under x->mu. */
+static void truncate_locked(wctx *c)
 {
-    uint64_t off = c * x->chunk;
-    uint64_t rest = x->length - off;
-    return rest < x->chunk ? rest : x->chunk;
-}
-
-static uint8_t *chunk_ptr(const xfer *x, uint64_t c)
-{
-    uint64_t off = c * x->chunk;
-    return x->buf + (x->wrap ? off % x->buf_len : off);
-}
-
-static int truncate_now(xfer *x)
-{
-    x->truncated = 1;
-    x->Keff = x->next;
+    xfer *x = c->x;
+    if (x->truncated)
+        return;
     uint64_t tl = x->next * x->chunk;
     x->trunc_len = tl < x->length ? tl : x->length;
-    DWCP_SET(x->s->stats.truncated_at, x->trunc_len);
-    for (int i = 0; i < x->s->n; i++) {
-        stream *t = &x->s->st[i];
-        if (is_alive(t) && ctl_push(t, DWCP_T_TRUNCATE, x->o->transfer_id, x->trunc_len) < 0)
-            return DWCP_E_NOMEM;
-    }
-    x->again = 1;
+    __atomic_store_n(&x->Keff, x->next, __ATOMIC_RELEASE);
+    __atomic_store_n(&x->truncated, 1, __ATOMIC_RELEASE);
+    DWCP_SET(c->s->truncated_at, x->trunc_len);
+    c->again = 1;
+    wake_others(c);
+}
+
+/* XFER_BEGIN goes ahead of a link's first frame of the transfer (see the file comment). */
+static int ensure_begun(wctx *c, lnk *t)
+{
+    xfer *x = c->x;
+    if (!x->o->begin || (t->begun && t->begun_tid == x->o->transfer_id))
+        return 0;
+    if (wq_frame(t, DWCP_T_XFER_BEGIN, x->o->transfer_id, 0, x->o->begin, x->o->begin_len) < 0)
+        return DWCP_E_NOMEM;
+    t->begun = 1;
+    t->begun_tid = x->o->transfer_id;
+    __atomic_fetch_add(&x->begun_links, 1, __ATOMIC_ACQ_REL);
     return 0;
 }
 
-static uint64_t chunk_checksum(xfer *x, const uint8_t *p, size_t len)
+static void tx_setup(xfer *x, lnk *t, uint64_t c)
 {
-    if (!x->o->csum_flags)
-        return 0;
-    if (x->csum_cache && len == x->chunk) {
-        /* Wrap mode sends the same buffer slots again and again; the caller may not modify the
-         * buffer during the call, so a slot's checksum is computed once. */
-        uint64_t slot = (uint64_t)(p - x->buf) / x->chunk;
-        if (!x->csum_valid[slot]) {
-            x->csum_cache[slot] = dwcp_payload_checksum(x->o->csum_flags, p, len);
-            x->csum_valid[slot] = 1;
-        }
-        return x->csum_cache[slot];
-    }
-    return dwcp_payload_checksum(x->o->csum_flags, p, len);
-}
-
-static void tx_setup(xfer *x, stream *t, uint64_t c)
-{
-    x->st[c] = (uint16_t)(t->idx + 1);
     uint8_t *p = chunk_ptr(x, c);
     size_t len = (size_t)chunk_len(x, c);
     dwcp_frame f = {
         .version = DWCP_VERSION,
         .type = DWCP_T_DATA,
         .flags = (uint16_t)(x->o->csum_flags | x->o->frame_flags),
-        .stream = (uint16_t)t->idx,
+        .stream = t->wire,
         .length = (uint32_t)len,
         .transfer_id = x->o->transfer_id,
         .offset = c * x->chunk,
-        .checksum = chunk_checksum(x, p, len),
+        .checksum = x->o->csum_flags ? dwcp_payload_checksum(x->o->csum_flags, p, len) : 0,
     };
     dwcp_frame_encode(&f, t->tx_hdr);
     t->tx_active = 1;
@@ -579,90 +766,175 @@ static void tx_setup(xfer *x, stream *t, uint64_t c)
     t->tx_sent = 0;
 }
 
-/* Pull the next chunk for stream t: re-sends first (NACKed or orphaned by a dead stream), then new
- * chunks until the deadline. Returns 1 if t now has a frame to send. */
-static int tx_pull(xfer *x, stream *t)
+/* Whether t may carry chunks: the control connection only when no data stream is left. */
+static int may_carry(const wctx *c, const lnk *t)
 {
+    return !t->is_ctl || __atomic_load_n(&c->s->n_alive_data, __ATOMIC_ACQUIRE) == 0;
+}
+
+static int begin_only_needed(const xfer *x)
+{
+    return x->o->begin && !__atomic_load_n(&x->begin_acked, __ATOMIC_ACQUIRE) &&
+           __atomic_load_n(&x->begun_links, __ATOMIC_ACQUIRE) == 0;
+}
+
+/* Pull the next chunk for link t: re-sends first (NACKed or orphaned by a dead link), then new
+ * chunks until the deadline. Returns 1 if t now has something to send, 0 if not, < 0 on error. */
+static int tx_pull(wctx *c, lnk *t)
+{
+    xfer *x = c->x;
+    if (!may_carry(c, t))
+        return 0;
+    uint16_t me = (uint16_t)(t->idx + 1);
+    int have = 0, resent = 0;
+    uint64_t chunk = 0;
+    pthread_mutex_lock(&x->mu);
     while (x->rq_n) {
-        uint64_t c = x->rq[x->rq_head];
+        uint64_t q = x->rq[x->rq_head];
         x->rq_head = (x->rq_head + 1) % x->rq_cap;
-        x->rq_n--;
-        if (x->st[c] == ST_QUEUED) {
-            DWCP_ADD(x->s->stats.chunks_resent, 1);
-            tx_setup(x, t, c);
-            return 1;
+        __atomic_store_n(&x->rq_n, x->rq_n - 1, __ATOMIC_RELEASE);
+        uint16_t *slot = st_ref(x, q);
+        if (slot && st_cas(slot, ST_QUEUED, me)) {
+            chunk = q;
+            have = resent = 1;
+            break;
         }
     }
-    if (x->truncated || x->next >= x->K)
-        return 0;
-    if (x->deadline && now_ns() >= x->deadline) {
-        if (truncate_now(x) < 0)
-            return -1;
-        return 0;
-    }
-    if (st_reserve(x, x->next) < 0) {
-        x->proto_err = DWCP_E_NOMEM;
-        return -1;
-    }
-    tx_setup(x, t, x->next++);
-    return 1;
-}
-
-static int tx_has_work(const xfer *x, const stream *t)
-{
-    return t->tx_active || ctl_pending(t) || x->rq_n || (!x->truncated && x->next < x->K);
-}
-
-/* One send step for t's current frame. Returns -1 if the stream died, 0 if it would block, 1 to go
- * on. */
-static int tx_step(xfer *x, stream *t)
-{
-    dwcp_streams *s = x->s;
-    ssize_t n;
-    size_t want;
-    int zc = 0;
-    if (t->tx_carry) {
-        want = t->tx_carry_len - t->tx_sent;
-        n = send(t->fd, t->tx_carry + t->tx_sent, want, MSG_NOSIGNAL | MSG_DONTWAIT);
-    } else if (x->use_zc && !s->zc_fallback && t->tx_pay_len >= x->zc_min) {
-        if (t->tx_sent < DWCP_HEADER_BYTES) {
-            want = DWCP_HEADER_BYTES - t->tx_sent;
-            n = send(t->fd, t->tx_hdr + t->tx_sent, want, MSG_NOSIGNAL | MSG_DONTWAIT | MSG_MORE);
+    if (!have && !x->truncated && x->next < x->K) {
+        if (x->deadline && now_ns() >= x->deadline) {
+            truncate_locked(c);
         } else {
-            size_t po = t->tx_sent - DWCP_HEADER_BYTES;
-            want = t->tx_pay_len - po;
-            n = send(t->fd, t->tx_pay + po, want, MSG_NOSIGNAL | MSG_DONTWAIT | MSG_ZEROCOPY);
-            zc = 1;
-            if (n < 0 && errno == ENOBUFS) {
-                /* Too many un-reaped notifications (optmem_max): reap and send this one copied. */
-                zc_reap(s, t);
-                zc = 0;
-                n = send(t->fd, t->tx_pay + po, want, MSG_NOSIGNAL | MSG_DONTWAIT);
+            uint16_t *slot = st_ref(x, x->next);
+            if (!slot) {
+                pthread_mutex_unlock(&x->mu);
+                set_state(c, DWCP_E_NOMEM);
+                return -1;
             }
+            __atomic_store_n(slot, me, __ATOMIC_RELEASE);
+            chunk = x->next;
+            __atomic_store_n(&x->next, x->next + 1, __ATOMIC_RELEASE);
+            have = 1;
         }
-    } else {
-        struct iovec iov[2];
-        int niov = 0;
+    }
+    pthread_mutex_unlock(&x->mu);
+    if (have) {
+        if (resent)
+            DWCP_ADD(c->w->st.chunks_resent, 1);
+        if (ensure_begun(c, t) < 0) {
+            set_state(c, DWCP_E_NOMEM);
+            return -1;
+        }
+        tx_setup(x, t, chunk);
+        return 1;
+    }
+    if (begin_only_needed(x)) {
+        /* Nothing to carry the announcement (an empty transfer, or every chunk settled or in flight
+         * on links that died with it): send it alone. */
+        if (ensure_begun(c, t) < 0) {
+            set_state(c, DWCP_E_NOMEM);
+            return -1;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+static int tx_has_work(const wctx *c, const lnk *t)
+{
+    if (t->carry || wq_pending(t) || t->tx_active)
+        return 1;
+    const xfer *x = c->x;
+    if (!x || !x->sender || state_of(x) != 0 || !may_carry(c, t))
+        return 0;
+    return __atomic_load_n(&x->rq_n, __ATOMIC_ACQUIRE) ||
+           (!__atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE) &&
+            __atomic_load_n(&x->next, __ATOMIC_ACQUIRE) < x->K) ||
+           begin_only_needed(x);
+}
+
+/* One send step of everything t has queued. Returns -1 if the link died, 0 if it would block, 1 to go
+ * on. */
+static int tx_step(wctx *c, lnk *t)
+{
+    dwcp_streams *s = c->s;
+    struct iovec iov[4];
+    int kind[4]; /* 0 carry, 1 data frame, 2 queue */
+    int niov = 0;
+    if (t->carry) {
+        iov[niov].iov_base = t->carry + t->carry_off;
+        iov[niov].iov_len = t->carry_len - t->carry_off;
+        kind[niov++] = 0;
+    }
+    int started = t->tx_active && t->tx_sent > 0;
+    int data_at = -1;
+    if (started) {
+        data_at = niov;
+        kind[niov++] = 1;
+    }
+    if (wq_pending(t)) {
+        iov[niov].iov_base = t->wq + t->wq_off;
+        iov[niov].iov_len = t->wq_len - t->wq_off;
+        kind[niov++] = 2;
+    }
+    if (t->tx_active && !started) {
+        data_at = niov;
+        kind[niov++] = 1;
+    }
+    /* The data frame is two pieces (header rest, payload rest): expand it in place. */
+    struct iovec v[5];
+    int vk[5], nv = 0, pay_at = -1;
+    for (int i = 0; i < niov; i++) {
+        if (i != data_at) {
+            v[nv] = iov[i];
+            vk[nv++] = kind[i];
+            continue;
+        }
         if (t->tx_sent < DWCP_HEADER_BYTES) {
-            iov[niov].iov_base = t->tx_hdr + t->tx_sent;
-            iov[niov].iov_len = DWCP_HEADER_BYTES - t->tx_sent;
-            niov++;
-            iov[niov].iov_base = (void *)t->tx_pay;
-            iov[niov].iov_len = t->tx_pay_len;
+            v[nv].iov_base = t->tx_hdr + t->tx_sent;
+            v[nv].iov_len = DWCP_HEADER_BYTES - t->tx_sent;
+            vk[nv++] = 1;
+            if (t->tx_pay_len) {
+                v[nv].iov_base = (void *)t->tx_pay;
+                v[nv].iov_len = t->tx_pay_len;
+                pay_at = nv;
+                vk[nv++] = 1;
+            }
         } else {
             size_t po = t->tx_sent - DWCP_HEADER_BYTES;
-            iov[niov].iov_base = (void *)(t->tx_pay + po);
-            iov[niov].iov_len = t->tx_pay_len - po;
+            v[nv].iov_base = (void *)(t->tx_pay + po);
+            v[nv].iov_len = t->tx_pay_len - po;
+            pay_at = nv;
+            vk[nv++] = 1;
         }
-        niov++;
-        want = 0;
-        for (int i = 0; i < niov; i++)
-            want += iov[i].iov_len;
-        struct msghdr msg;
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = iov;
-        msg.msg_iovlen = (size_t)niov;
-        n = sendmsg(t->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    if (!nv)
+        return 0;
+    int flags = MSG_NOSIGNAL | MSG_DONTWAIT;
+    int zc = 0;
+    xfer *x = c->x;
+    if (pay_at >= 0 && x && x->use_zc && !LOAD(s->zc_fallback) && t->tx_pay_len >= x->zc_min) {
+        if (pay_at > 0) {
+            nv = pay_at; /* everything before the payload, copied, then the payload alone */
+            flags |= MSG_MORE;
+        } else {
+            nv = 1;
+            flags |= MSG_ZEROCOPY;
+            zc = 1;
+        }
+    }
+    size_t want = 0;
+    for (int i = 0; i < nv; i++)
+        want += v[i].iov_len;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = v;
+    msg.msg_iovlen = (size_t)nv;
+    ssize_t n = sendmsg(t->fd, &msg, flags);
+    if (n < 0 && zc && errno == ENOBUFS) {
+        /* Too many un-reaped notifications (optmem_max): reap and send this one copied. */
+        zc_reap(s, t, &c->w->st);
+        zc = 0;
+        n = sendmsg(t->fd, &msg, flags & ~MSG_ZEROCOPY);
     }
     if (n < 0) {
         if (errno == EINTR)
@@ -671,19 +943,35 @@ static int tx_step(xfer *x, stream *t)
             t->writable = 0;
             return 0;
         }
-        stream_die(x, t, errno);
+        link_die(c, t, errno);
         return -1;
     }
     if (zc && n > 0) {
         t->zc_issued++;
         DBG_ADD(g_zc_pending, 1);
-        DWCP_ADD(s->stats.zc_sends, 1);
+        DWCP_ADD(c->w->st.zc_sends, 1);
     }
-    t->tx_sent += (size_t)n;
-    progress(x, s, (size_t)n);
-    size_t total = t->tx_carry ? t->tx_carry_len : DWCP_HEADER_BYTES + t->tx_pay_len;
-    if (t->tx_sent == total)
-        tx_clear(t);
+    progress(c, (size_t)n);
+    size_t rest = (size_t)n;
+    for (int i = 0; i < nv && rest; i++) {
+        size_t take = rest < v[i].iov_len ? rest : v[i].iov_len;
+        rest -= take;
+        if (vk[i] == 0) {
+            t->carry_off += take;
+            if (t->carry_off == t->carry_len)
+                carry_free(t);
+        } else if (vk[i] == 1) {
+            t->tx_sent += take;
+            if (t->tx_sent == DWCP_HEADER_BYTES + t->tx_pay_len) {
+                t->tx_active = 0;
+                t->tx_sent = 0;
+            }
+        } else {
+            t->wq_off += take;
+            if (t->wq_off == t->wq_len)
+                t->wq_off = t->wq_len = 0;
+        }
+    }
     if ((size_t)n < want) {
         t->writable = 0;
         return 0;
@@ -691,207 +979,98 @@ static int tx_step(xfer *x, stream *t)
     return 1;
 }
 
-static void tx_write(xfer *x, stream *t)
+static void link_write(wctx *c, lnk *t)
 {
     int frames = 0;
     while (is_alive(t) && t->writable) {
-        if (!t->tx_active) {
-            if (ctl_pending(t)) {
-                if (flush_ctl(x, t) < 0 || ctl_pending(t))
-                    return;
-                continue;
-            }
+        xfer *x = c->x;
+        if (!t->tx_active && x && x->sender && state_of(x) == 0) {
             if (frames >= TX_BUDGET_FRAMES) {
-                x->again = 1;
-                return;
+                if (!t->carry && !wq_pending(t)) {
+                    c->again = 1;
+                    return;
+                }
+            } else {
+                int p = tx_pull(c, t);
+                if (p < 0)
+                    return;
+                frames += p;
             }
-            int p = tx_pull(x, t);
-            if (p <= 0)
-                return;
-            frames++;
         }
-        if (tx_step(x, t) <= 0)
+        if (!t->carry && !wq_pending(t) && !t->tx_active)
+            return;
+        if (tx_step(c, t) <= 0)
             return;
     }
 }
 
-static int tx_frame(xfer *x, stream *t, const uint8_t *b)
+static int ctl_push(lnk *t, uint8_t type, uint64_t tid, uint64_t offset)
 {
-    dwcp_frame f;
-    dwcp_streams *s = x->s;
-    int rc = dwcp_frame_decode(b, DWCP_MAX_CHUNK_BYTES, &f);
-    if (rc)
-        return rc;
-    if ((f.type == DWCP_T_DATA || f.type == DWCP_T_TRUNCATE) && s->have_recv_id &&
-        f.transfer_id <= s->last_recv_id) {
-        /* A late re-send of a transfer this set received earlier: drain and drop it. */
-        if (f.type == DWCP_T_TRUNCATE && f.length)
-            return DWCP_E_LENGTH;
-        if (f.length) {
-            t->rx_mode = RX_DISCARD;
-            t->rx_len = f.length;
-            t->rx_got = 0;
-            t->rx_dup_ack = 0;
-            t->rx_current = 0;
-        }
-        return 0;
-    }
-    if (f.type == DWCP_T_DATA || f.type == DWCP_T_TRUNCATE)
-        return 1; /* the peer's next transfer towards us: keep it for that receive call */
-    if (f.type != DWCP_T_ACK && f.type != DWCP_T_NACK && f.type != DWCP_T_DONE)
-        return DWCP_E_TYPE;
-    if (f.length)
-        return DWCP_E_LENGTH;
-    if (f.stream != t->idx)
-        return DWCP_E_STREAM;
-    if (f.transfer_id < x->o->transfer_id)
+    return wq_frame(t, type, tid, offset, NULL, 0);
+}
+
+/* An ACK, NACK or DONE on link t while this side sends transfer x. */
+static int tx_frame(wctx *c, lnk *t, const dwcp_frame *f)
+{
+    xfer *x = c->x;
+    (void)t;
+    if (f->transfer_id < x->o->transfer_id)
         return 0; /* late ACK/DONE of an earlier transfer */
-    if (f.transfer_id > x->o->transfer_id)
+    if (f->transfer_id > x->o->transfer_id)
         return DWCP_E_PEER;
-    if (f.type == DWCP_T_DONE) {
-        if (!x->got_done) {
-            /* DONE vouches for every chunk, including those whose ACK is still in flight. */
-            uint64_t len = x->truncated ? x->trunc_len : x->length;
-            DWCP_ADD(x->s->stats.chunks, x->Keff - x->ndone);
-            DWCP_ADD(x->s->stats.bytes_payload, len - x->done_bytes);
-            x->got_done = 1;
-        }
+    __atomic_store_n(&x->begin_acked, 1, __ATOMIC_RELEASE);
+    if (f->type == DWCP_T_DONE) {
+        __atomic_store_n(&x->got_done, 1, __ATOMIC_RELEASE);
         return 0;
     }
-    if (x->got_done)
+    if (__atomic_load_n(&x->got_done, __ATOMIC_ACQUIRE))
         return 0;
-    if (f.offset % x->chunk || f.offset >= x->length)
+    if (f->offset % x->chunk || f->offset >= x->length)
         return DWCP_E_RANGE;
-    uint64_t c = f.offset / x->chunk;
-    uint16_t v = st_get(x, c);
+    uint64_t ch = f->offset / x->chunk;
+    uint16_t v = st_get(x, ch);
     if (v == 0)
         return DWCP_E_PEER; /* acknowledges a chunk never sent */
     if (v == ST_DONE)
         return 0;
-    if (f.type == DWCP_T_ACK) {
-        x->st[c] = ST_DONE;
-        x->ndone++;
-        x->done_bytes += chunk_len(x, c);
-        DWCP_ADD(x->s->stats.chunks, 1);
-        DWCP_ADD(x->s->stats.bytes_payload, chunk_len(x, c));
-    } else if (v != ST_QUEUED) {
-        x->st[c] = ST_QUEUED;
-        rq_push(x, c, 1);
-        x->again = 1;
+    uint16_t *slot = st_ref(x, ch);
+    if (!slot)
+        return DWCP_E_NOMEM;
+    if (f->type == DWCP_T_ACK) {
+        if (__atomic_exchange_n(slot, (uint16_t)ST_DONE, __ATOMIC_ACQ_REL) != ST_DONE) {
+            uint64_t len = chunk_len(x, ch);
+            __atomic_fetch_add(&x->ndone, 1, __ATOMIC_ACQ_REL);
+            __atomic_fetch_add(&x->done_bytes, len, __ATOMIC_RELAXED);
+            DWCP_ADD(c->w->st.chunks, 1);
+            DWCP_ADD(c->w->st.bytes_payload, len);
+        }
+    } else if (v != ST_QUEUED && st_cas(slot, v, ST_QUEUED)) {
+        pthread_mutex_lock(&x->mu);
+        rq_push(x, ch, 1);
+        pthread_mutex_unlock(&x->mu);
+        c->again = 1;
+        wake_others(c);
     }
     return 0;
 }
 
-static void tx_read(xfer *x, stream *t)
-{
-    uint8_t b[ACK_BATCH * DWCP_HEADER_BYTES];
-    if (t->rx_parked)
-        return;
-    while (is_alive(t) && t->readable) {
-        if (t->rx_mode != RX_HDR && t->rx_len - t->rx_got >= sizeof b) {
-            /* Draining a stale payload: read it in big pieces, not ACK-batch-sized ones. */
-            uint64_t rem = t->rx_len - t->rx_got;
-            size_t want = rem < SCRATCH_BYTES ? (size_t)rem : SCRATCH_BYTES;
-            ssize_t n = recv(t->fd, x->s->scratch, want, MSG_DONTWAIT);
-            int outcome = recv_result(x, t, n);
-            if (outcome == RECV_RETRY)
-                continue;
-            if (outcome == RECV_STOP)
-                return;
-            progress(x, x->s, (size_t)n);
-            t->rx_got += (uint64_t)n;
-            if (t->rx_got == t->rx_len)
-                t->rx_mode = RX_HDR;
-            if ((size_t)n < want && !t->hup)
-                t->readable = 0;
-            continue;
-        }
-        size_t have = t->rx_mode == RX_HDR ? t->rx_hdr_got : 0;
-        memcpy(b, t->rx_hdr, have);
-        size_t want = sizeof b - have;
-        /* Peek, then consume only what was processed: once its receive call is complete the peer
-         * may start a transfer towards us on the same streams, and that DATA header and payload
-         * must stay in the socket for our next receive call. ACK batches are few (one per several
-         * chunks), so the second recv is cheap. */
-        ssize_t n = recv(t->fd, b + have, want, MSG_DONTWAIT | MSG_PEEK);
-        int outcome = recv_result(x, t, n);
-        if (outcome == RECV_RETRY)
-            continue;
-        if (outcome == RECV_STOP)
-            return;
-        size_t old = have;
-        have += (size_t)n;
-        size_t off = 0;
-        int parked = 0, err = 0;
-        while (off < have) {
-            if (t->rx_mode != RX_HDR) {
-                uint64_t rem = t->rx_len - t->rx_got;
-                size_t take = rem < have - off ? (size_t)rem : have - off;
-                t->rx_got += take;
-                off += take;
-                if (t->rx_got == t->rx_len)
-                    t->rx_mode = RX_HDR;
-                continue;
-            }
-            if (have - off < DWCP_HEADER_BYTES)
-                break;
-            int rc = tx_frame(x, t, b + off);
-            off += DWCP_HEADER_BYTES;
-            if (rc < 0) {
-                err = rc;
-                break;
-            }
-            if (rc == 1) {
-                parked = 1;
-                break;
-            }
-        }
-        size_t used = parked || err ? off : have;
-        if (parked) {
-            memcpy(t->rx_hdr, b + off - DWCP_HEADER_BYTES, DWCP_HEADER_BYTES);
-            t->rx_hdr_got = DWCP_HEADER_BYTES;
-            t->rx_parked = 1;
-        } else if (!err) {
-            t->rx_hdr_got = have - off;
-            memcpy(t->rx_hdr, b + off, t->rx_hdr_got);
-        }
-        size_t consume = used - old;
-        while (consume) {
-            ssize_t r = recv(t->fd, x->s->scratch, consume, MSG_DONTWAIT);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r <= 0) {
-                stream_die(x, t, r < 0 ? errno : 0);
-                return;
-            }
-            progress(x, x->s, (size_t)r);
-            consume -= (size_t)r;
-        }
-        if (err) {
-            stream_die(x, t, err);
-            return;
-        }
-        if (parked)
-            return;
-        if ((size_t)n < want && !t->hup)
-            t->readable = 0;
-    }
-}
-
 /* ---------------------------------------------------------------- receiver */
 
+/* Under x->mu. */
 static int drop_take(xfer *x, uint64_t c)
 {
     for (size_t i = 0; i < x->ndrops; i++) {
         if (x->drops[i].chunk == c) {
             int via = x->drops[i].via;
-            x->drops[i] = x->drops[--x->ndrops];
+            x->drops[i] = x->drops[x->ndrops - 1];
+            __atomic_store_n(&x->ndrops, x->ndrops - 1, __ATOMIC_RELEASE);
             return via;
         }
     }
     return -1;
 }
 
+/* Under x->mu. */
 static int drop_note_add(xfer *x, uint64_t c, int via)
 {
     for (size_t i = 0; i < x->ndrops; i++) {
@@ -910,362 +1089,760 @@ static int drop_note_add(xfer *x, uint64_t c, int via)
     }
     x->drops[x->ndrops].chunk = c;
     x->drops[x->ndrops].via = via;
-    x->ndrops++;
+    __atomic_store_n(&x->ndrops, x->ndrops + 1, __ATOMIC_RELEASE);
     return 0;
 }
 
-static int rx_header(xfer *x, stream *t)
+static void consume_header(lnk *t)
 {
-    dwcp_frame *f = &t->rx_f;
-    int rc = dwcp_frame_decode(t->rx_hdr, DWCP_MAX_CHUNK_BYTES, f);
-    if (rc)
-        return rc;
-    if ((f->type == DWCP_T_ACK || f->type == DWCP_T_NACK || f->type == DWCP_T_DONE) &&
-        x->s->have_send_id && f->transfer_id <= x->s->last_send_id) {
-        /* ACK/DONE of a transfer this set sent earlier, arriving after that call returned. */
-        t->rx_hdr_got = 0;
-        return f->length ? DWCP_E_LENGTH : 0;
+    t->rb_head += DWCP_HEADER_BYTES;
+}
+
+/* A DATA or TRUNCATE frame of a transfer this set received earlier (a re-send that lost the race):
+ * drain it, and if it belongs to the last transfer received answer DONE again: the sender re-sends
+ * only when it lost our DONE with the link that carried it. */
+static int stale_data(wctx *c, lnk *t, const dwcp_frame *f)
+{
+    dwcp_streams *s = c->s;
+    int reply = s->have_done_recv && f->transfer_id == s->done_recv_id;
+    if (f->type == DWCP_T_DATA && f->length) {
+        t->rx_f = *f;
+        t->rx_mode = RX_DISCARD;
+        t->rx_len = f->length;
+        t->rx_got = 0;
+        t->rx_dup_ack = 0;
+        t->rx_current = 0;
+        t->rx_done_reply = reply;
+        return 0;
     }
-    if (f->type != DWCP_T_DATA && f->type != DWCP_T_TRUNCATE)
-        return DWCP_E_TYPE;
-    if (f->stream != t->idx)
-        return DWCP_E_STREAM;
-    if (f->type == DWCP_T_TRUNCATE && f->length != 0)
-        return DWCP_E_LENGTH;
+    if (reply && ctl_push(t, DWCP_T_DONE, s->done_recv_id, s->done_recv_len) < 0)
+        return DWCP_E_NOMEM;
+    return 0;
+}
+
+/* A DATA or TRUNCATE header on link t while receiving transfer x. Returns 1 when t parks on it. */
+static int rx_header(wctx *c, lnk *t, const dwcp_frame *f)
+{
+    xfer *x = c->x;
     if (f->transfer_id > x->o->transfer_id) {
         /* The sender starts its next transfer as soon as it has every ACK, while this side may still
-         * be flushing DONE: keep the header for the next call and stop reading this stream. */
-        t->rx_parked = 1;
-        return 0;
+         * be flushing DONE: keep the header for the next call and stop reading this link. */
+        t->parked = 1;
+        return 1;
     }
-    t->rx_hdr_got = 0;
-    if (f->transfer_id < x->o->transfer_id) {
-        /* A frame of an earlier transfer (a re-send that lost the race): drain its payload. */
-        if (f->length) {
-            t->rx_mode = RX_DISCARD;
-            t->rx_len = f->length;
-            t->rx_got = 0;
-            t->rx_dup_ack = 0;
-            t->rx_current = 0;
-        }
-        return 0;
-    }
-    uint64_t limit = x->truncated ? x->trunc_len : x->length;
+    consume_header(t);
+    if (f->transfer_id < x->o->transfer_id)
+        return stale_data(c, t, f);
     if (f->type == DWCP_T_TRUNCATE) {
         uint64_t tl = f->offset;
         if (tl > x->length || (tl % x->chunk && tl != x->length))
             return DWCP_E_RANGE;
         uint64_t keff = tl / x->chunk + (tl % x->chunk != 0);
-        if (x->truncated)
-            return tl == x->trunc_len ? 0 : DWCP_E_PEER;
-        if (x->touched > keff)
-            return DWCP_E_RANGE; /* would cut off chunks the sender already started */
-        x->truncated = 1;
-        x->trunc_len = tl;
-        x->Keff = keff;
-        DWCP_SET(x->s->stats.truncated_at, tl);
-        return 0;
+        int rc = 0;
+        pthread_mutex_lock(&x->mu);
+        if (x->truncated) {
+            rc = tl == x->trunc_len ? 0 : DWCP_E_PEER;
+        } else if (__atomic_load_n(&x->touched, __ATOMIC_ACQUIRE) > keff) {
+            rc = DWCP_E_RANGE; /* would cut off chunks the sender already started */
+        } else {
+            x->trunc_len = tl;
+            __atomic_store_n(&x->Keff, keff, __ATOMIC_RELEASE);
+            __atomic_store_n(&x->truncated, 1, __ATOMIC_RELEASE);
+            DWCP_SET(c->s->truncated_at, tl);
+        }
+        pthread_mutex_unlock(&x->mu);
+        c->again = 1;
+        return rc;
     }
     if ((f->flags & (DWCP_FLAG_CSUM_CRC32C | DWCP_FLAG_CSUM_XXH3)) != x->o->csum_flags)
         return DWCP_E_FLAGS;
+    uint64_t limit = __atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE) ? x->trunc_len : x->length;
     if (f->offset % x->chunk || f->offset >= limit)
         return DWCP_E_RANGE;
-    uint64_t c = f->offset / x->chunk;
-    if (f->length != chunk_len(x, c))
+    uint64_t ch = f->offset / x->chunk;
+    if (f->length != chunk_len(x, ch))
         return DWCP_E_LENGTH;
-    t->rx_chunk = c;
+    t->rx_f = *f;
+    t->rx_chunk = ch;
     t->rx_len = f->length;
     t->rx_got = 0;
     t->rx_current = 1;
-    uint16_t v = st_get(x, c);
-    if (v == 0) {
-        if (st_reserve(x, c) < 0)
-            return DWCP_E_NOMEM;
-        x->st[c] = (uint16_t)(t->idx + 1);
-        if (c + 1 > x->touched)
-            x->touched = c + 1;
+    t->rx_done_reply = 0;
+    uint16_t *slot = st_ref(x, ch);
+    if (!slot)
+        return DWCP_E_NOMEM;
+    uint16_t me = (uint16_t)(t->idx + 1);
+    uint16_t v = 0;
+    if (__atomic_compare_exchange_n(slot, &v, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        uint64_t seen = __atomic_load_n(&x->touched, __ATOMIC_RELAXED);
+        while (ch + 1 > seen &&
+               !__atomic_compare_exchange_n(&x->touched, &seen, ch + 1, 1, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            ;
         t->rx_mode = RX_DEST;
-        t->rx_dst = chunk_ptr(x, c);
-    } else {
-        /* Verified already, or being written by another live stream: never let a duplicate touch
-         * the destination. */
-        t->rx_mode = RX_DISCARD;
-        t->rx_dup_ack = v == ST_DONE;
-        if (v != ST_DONE && drop_note_add(x, c, t->idx) < 0)
-            return DWCP_E_NOMEM;
+        t->rx_dst = x->sink ? sink_ptr(c) : chunk_ptr(x, ch);
+        dwcp_csum_reset(&t->rx_sum, x->o->csum_flags);
+        return 0;
+    }
+    /* Verified already, or being written by another live link: never let a duplicate touch the
+     * destination. */
+    t->rx_mode = RX_DISCARD;
+    t->rx_dup_ack = v == ST_DONE;
+    if (v != ST_DONE) {
+        pthread_mutex_lock(&x->mu);
+        int rc = drop_note_add(x, ch, t->idx);
+        pthread_mutex_unlock(&x->mu);
+        if (rc < 0)
+            return rc;
     }
     return 0;
 }
 
-static int rx_payload_done(xfer *x, stream *t)
+static int xfer_complete(const xfer *x);
+
+/* ---------------------------------------------------------------- control frames */
+
+static int inbox_push(dwcp_streams *s, const dwcp_frame *f, const uint8_t *payload)
 {
-    dwcp_streams *s = x->s;
-    uint64_t tid = x->o->transfer_id;
+    ctlmsg *m = malloc(sizeof *m + f->length);
+    if (!m)
+        return DWCP_E_NOMEM;
+    m->type = f->type;
+    m->tid = f->transfer_id;
+    m->len = f->length;
+    if (f->length)
+        memcpy(m->payload, payload, f->length);
+    if (s->inbox_n == INBOX_MAX) {
+        free(m);
+        return DWCP_E_PEER; /* a peer that floods us with control frames */
+    }
+    s->inbox[(s->inbox_head + s->inbox_n) % INBOX_MAX] = m;
+    s->inbox_n++;
+    return 0;
+}
+
+/* A complete control frame (XFER_BEGIN, ABORT, CLOSE) arrived on link t. */
+static int ctl_done(wctx *c, lnk *t, const uint8_t *payload)
+{
+    dwcp_streams *s = c->s;
+    const dwcp_frame *f = &t->rx_f;
+    int rc = 0;
+    pthread_mutex_lock(&s->inbox_mu);
+    if (f->type == DWCP_T_XFER_BEGIN) {
+        if (s->have_begin_id && f->transfer_id <= s->last_begin_id) {
+            /* The same announcement on another link (senders announce on every link they use), or
+             * a re-announcement by a sender that lost our DONE: answer that with DONE again. */
+            if (s->have_done_recv && f->transfer_id == s->done_recv_id)
+                rc = ctl_push(t, DWCP_T_DONE, s->done_recv_id, s->done_recv_len);
+        } else {
+            rc = inbox_push(s, f, payload);
+            if (rc == 0) {
+                s->last_begin_id = f->transfer_id;
+                s->have_begin_id = 1;
+                DWCP_ADD(c->w->st.control_frames, 1);
+            }
+        }
+    } else if (c->x && !xfer_complete(c->x)) {
+        /* ABORT or CLOSE during a transfer stops it; the frame is kept for the caller's error. A
+         * peer that closes right after its receive completed wrote DONE ahead of CLOSE on this very
+         * link, so a complete transfer lets the frame wait in the inbox for the next call. */
+        if (!s->stop_msg) {
+            s->stop_msg = malloc(sizeof *s->stop_msg + f->length);
+            if (s->stop_msg) {
+                s->stop_msg->type = f->type;
+                s->stop_msg->tid = f->transfer_id;
+                s->stop_msg->len = f->length;
+                if (f->length)
+                    memcpy(s->stop_msg->payload, payload, f->length);
+            }
+        }
+        DWCP_ADD(c->w->st.control_frames, 1);
+        pthread_mutex_unlock(&s->inbox_mu);
+        set_state(c, f->type == DWCP_T_ABORT ? DWCP_E_PEER_ABORT : DWCP_E_PEER_CLOSE);
+        return 0;
+    } else {
+        rc = inbox_push(s, f, payload);
+        if (rc == 0)
+            DWCP_ADD(c->w->st.control_frames, 1);
+    }
+    pthread_mutex_unlock(&s->inbox_mu);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- reading */
+
+/* The header at the front of t->rb. Returns < 0 (the link dies), 0 (consumed) or 1 (t parks). */
+static int on_header(wctx *c, lnk *t)
+{
+    dwcp_streams *s = c->s;
+    xfer *x = c->x;
+    dwcp_frame f;
+    int rc = dwcp_frame_decode(t->rb + t->rb_head, DWCP_MAX_CHUNK_BYTES, &f);
+    if (rc)
+        return rc;
+    if (f.stream != t->wire)
+        return DWCP_E_STREAM;
+    switch (f.type) {
+    case DWCP_T_XFER_BEGIN:
+    case DWCP_T_ABORT:
+    case DWCP_T_CLOSE:
+        if (f.length > DWCP_MAX_CONTROL_BYTES || (f.type == DWCP_T_CLOSE && f.length))
+            return DWCP_E_LENGTH;
+        if (f.length ? f.flags != DWCP_FLAG_CSUM_CRC32C : f.flags != 0)
+            return DWCP_E_FLAGS;
+        if (f.offset || (f.type == DWCP_T_CLOSE && f.transfer_id))
+            return DWCP_E_RANGE;
+        consume_header(t);
+        t->rx_f = f;
+        if (!f.length)
+            return ctl_done(c, t, NULL);
+        if (!t->rx_ctl && !(t->rx_ctl = malloc(DWCP_MAX_CONTROL_BYTES)))
+            return DWCP_E_NOMEM;
+        t->rx_mode = RX_CTL;
+        t->rx_len = f.length;
+        t->rx_got = 0;
+        return 0;
+    case DWCP_T_ACK:
+    case DWCP_T_NACK:
+    case DWCP_T_DONE:
+        if (f.length)
+            return DWCP_E_LENGTH;
+        consume_header(t);
+        if (x && x->sender)
+            return tx_frame(c, t, &f);
+        if (s->have_send_id && f.transfer_id <= s->last_send_id)
+            return 0; /* ACK/DONE of a transfer this set sent earlier, arriving after that call */
+        return DWCP_E_TYPE;
+    case DWCP_T_DATA:
+    case DWCP_T_TRUNCATE:
+        if (f.type == DWCP_T_TRUNCATE && f.length)
+            return DWCP_E_LENGTH;
+        if (x && !x->sender)
+            return rx_header(c, t, &f);
+        if (s->have_recv_id && f.transfer_id <= s->last_recv_id) {
+            consume_header(t);
+            return stale_data(c, t, &f);
+        }
+        t->parked = 1; /* the peer's next transfer towards us: keep it for that receive call */
+        return 1;
+    default:
+        return DWCP_E_TYPE;
+    }
+}
+
+static int payload_done(wctx *c, lnk *t)
+{
+    xfer *x = c->x;
     int mode = t->rx_mode;
     t->rx_mode = RX_HDR;
+    if (mode == RX_CTL) {
+        if (dwcp_crc32c(0, t->rx_ctl, (size_t)t->rx_len) != t->rx_f.checksum)
+            return DWCP_E_CHECKSUM;
+        return ctl_done(c, t, t->rx_ctl);
+    }
     if (mode == RX_DEST) {
-        uint64_t c = t->rx_chunk;
-        if (x->ndrops)
-            drop_take(x, c); /* settled by the ACK or NACK below */
-        int ok = !x->o->csum_flags ||
-                 dwcp_payload_checksum(x->o->csum_flags, t->rx_dst, (size_t)t->rx_len) == t->rx_f.checksum;
-        if (ok) {
-            x->st[c] = ST_DONE;
-            x->ndone++;
-            DWCP_ADD(s->stats.chunks, 1);
-            DWCP_ADD(s->stats.bytes_payload, t->rx_len);
+        uint64_t ch = t->rx_chunk;
+        uint64_t tid = x->o->transfer_id;
+        if (__atomic_load_n(&x->ndrops, __ATOMIC_ACQUIRE)) {
+            pthread_mutex_lock(&x->mu);
+            drop_take(x, ch); /* settled by the ACK or NACK below */
+            pthread_mutex_unlock(&x->mu);
+        }
+        uint16_t *slot = st_ref(x, ch);
+        if (!slot)
+            return DWCP_E_NOMEM;
+        if (!x->o->csum_flags || dwcp_csum_digest(&t->rx_sum) == t->rx_f.checksum) {
+            __atomic_store_n(slot, (uint16_t)ST_DONE, __ATOMIC_RELEASE);
+            __atomic_fetch_add(&x->ndone, 1, __ATOMIC_ACQ_REL);
+            DWCP_ADD(c->w->st.chunks, 1);
+            DWCP_ADD(c->w->st.bytes_payload, t->rx_len);
             return ctl_push(t, DWCP_T_ACK, tid, t->rx_f.offset);
         }
-        x->st[c] = 0;
-        DWCP_ADD(s->stats.checksum_errors, 1);
+        __atomic_store_n(slot, (uint16_t)0, __ATOMIC_RELEASE);
+        DWCP_ADD(c->w->st.checksum_errors, 1);
         return ctl_push(t, DWCP_T_NACK, tid, t->rx_f.offset);
     }
     if (t->rx_current) {
-        DWCP_ADD(s->stats.chunks_duplicate, 1);
+        DWCP_ADD(c->w->st.chunks_duplicate, 1);
         if (t->rx_dup_ack)
-            return ctl_push(t, DWCP_T_ACK, tid, t->rx_f.offset);
+            return ctl_push(t, DWCP_T_ACK, x->o->transfer_id, t->rx_f.offset);
     }
+    if (t->rx_done_reply && c->s->have_done_recv && t->rx_f.transfer_id == c->s->done_recv_id)
+        return ctl_push(t, DWCP_T_DONE, c->s->done_recv_id, c->s->done_recv_len);
     return 0;
 }
 
-static void rx_read(xfer *x, stream *t)
+/* What a non-blocking recv result means: bytes (1), retry (0), or stop reading now (-1): the socket is
+ * drained (t->readable cleared) or the link died. One place, so every read treats EOF alike. */
+static int recv_result(wctx *c, lnk *t, ssize_t n)
 {
-    dwcp_streams *s = x->s;
+    if (n > 0)
+        return 1;
+    if (n < 0 && errno == EINTR)
+        return 0;
+    if (n < 0 && would_block(errno)) {
+        t->readable = 0;
+        return -1;
+    }
+    link_die(c, t, n < 0 ? errno : 0);
+    return -1;
+}
+
+static void payload_bytes(lnk *t, const uint8_t *src, size_t n)
+{
+    if (t->rx_mode == RX_DEST) {
+        memcpy(t->rx_dst + t->rx_got, src, n);
+        dwcp_csum_update(&t->rx_sum, t->rx_dst + t->rx_got, n);
+    } else if (t->rx_mode == RX_CTL) {
+        memcpy(t->rx_ctl + t->rx_got, src, n);
+    }
+    t->rx_got += n;
+}
+
+static int receiving_done(const wctx *c)
+{
+    /* A complete receive reads nothing more: what follows belongs to later calls. */
+    return c->x && !c->x->sender && state_of(c->x) != 0;
+}
+
+static void link_read(wctx *c, lnk *t)
+{
     size_t budget = RX_BUDGET_BYTES;
-    if (t->rx_parked)
-        return;
-    while (is_alive(t) && t->readable) {
-        if (x->done_queued)
-            return; /* complete: what follows belongs to later calls */
-        if (budget == 0) {
-            x->again = 1;
-            return;
-        }
-        if (t->rx_mode == RX_HDR && t->rx_hdr_got == DWCP_HEADER_BYTES) {
-            int rc = rx_header(x, t);
-            if (rc < 0) {
-                stream_die(x, t, rc);
+    while (is_alive(t) && !t->parked && !receiving_done(c)) {
+        size_t avail = t->rb_tail - t->rb_head;
+        if (t->rx_mode == RX_HDR) {
+            if (avail >= DWCP_HEADER_BYTES) {
+                int rc = on_header(c, t);
+                if (rc < 0) {
+                    link_die(c, t, rc);
+                    return;
+                }
+                continue;
+            }
+            if (!t->readable)
+                return;
+            if (budget == 0) {
+                c->again = 1;
                 return;
             }
-            if (t->rx_parked)
-                return;
+            if (t->rb_head) {
+                memmove(t->rb, t->rb + t->rb_head, avail);
+                t->rb_head = 0;
+                t->rb_tail = avail;
+            }
+            size_t want = RBUF_BYTES - t->rb_tail;
+            ssize_t n = recv(t->fd, t->rb + t->rb_tail, want, MSG_DONTWAIT);
+            int r = recv_result(c, t, n);
+            if (r <= 0) {
+                if (r < 0)
+                    return;
+                continue;
+            }
+            progress(c, (size_t)n);
+            budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
+            t->rb_tail += (size_t)n;
+            if ((size_t)n < want && !t->hup)
+                t->readable = 0;
             continue;
         }
-        struct iovec iov[2];
-        int niov = 1;
-        if (t->rx_mode == RX_HDR) {
-            iov[0].iov_base = t->rx_hdr + t->rx_hdr_got;
-            iov[0].iov_len = DWCP_HEADER_BYTES - t->rx_hdr_got;
+        uint64_t rem = t->rx_len - t->rx_got;
+        if (avail) {
+            size_t take = rem < avail ? (size_t)rem : avail;
+            payload_bytes(t, t->rb + t->rb_head, take);
+            t->rb_head += take;
+            if (t->rb_head == t->rb_tail)
+                t->rb_head = t->rb_tail = 0;
         } else {
-            uint64_t rem = t->rx_len - t->rx_got;
+            if (!t->readable)
+                return;
+            if (budget == 0) {
+                c->again = 1;
+                return;
+            }
+            struct iovec iov[2];
             if (t->rx_mode == RX_DEST) {
                 iov[0].iov_base = t->rx_dst + t->rx_got;
                 iov[0].iov_len = (size_t)rem;
+            } else if (t->rx_mode == RX_CTL) {
+                iov[0].iov_base = t->rx_ctl + t->rx_got;
+                iov[0].iov_len = (size_t)rem;
             } else {
-                iov[0].iov_base = s->scratch;
+                iov[0].iov_base = c->w->scratch;
                 iov[0].iov_len = rem < SCRATCH_BYTES ? (size_t)rem : SCRATCH_BYTES;
             }
-            if (iov[0].iov_len == rem) {
-                iov[1].iov_base = t->rx_hdr;
-                iov[1].iov_len = DWCP_HEADER_BYTES;
+            int niov = 1;
+            if (iov[0].iov_len == rem) { /* and whatever follows the payload into the link buffer */
+                t->rb_head = t->rb_tail = 0;
+                iov[1].iov_base = t->rb;
+                iov[1].iov_len = RBUF_BYTES;
                 niov = 2;
             }
-        }
-        size_t want = iov[0].iov_len + (niov == 2 ? iov[1].iov_len : 0);
-        struct msghdr msg;
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = iov;
-        msg.msg_iovlen = (size_t)niov;
-        ssize_t n = recvmsg(t->fd, &msg, MSG_DONTWAIT);
-        int outcome = recv_result(x, t, n);
-        if (outcome == RECV_RETRY)
-            continue;
-        if (outcome == RECV_STOP)
-            return;
-        progress(x, s, (size_t)n);
-        budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
-        if (t->rx_mode == RX_HDR) {
-            t->rx_hdr_got += (size_t)n;
-        } else {
-            size_t pay = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
-            t->rx_got += pay;
-            if (t->rx_got == t->rx_len) {
-                t->rx_hdr_got = (size_t)n - pay;
-                if (rx_payload_done(x, t) < 0) {
-                    x->proto_err = DWCP_E_NOMEM;
+            size_t want = iov[0].iov_len + (niov == 2 ? iov[1].iov_len : 0);
+            struct msghdr msg;
+            memset(&msg, 0, sizeof msg);
+            msg.msg_iov = iov;
+            msg.msg_iovlen = (size_t)niov;
+            ssize_t n = recvmsg(t->fd, &msg, MSG_DONTWAIT);
+            int r = recv_result(c, t, n);
+            if (r <= 0) {
+                if (r < 0)
                     return;
-                }
+                continue;
+            }
+            progress(c, (size_t)n);
+            budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
+            size_t pay = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
+            if (t->rx_mode == RX_DEST)
+                dwcp_csum_update(&t->rx_sum, t->rx_dst + t->rx_got, pay);
+            t->rx_got += pay;
+            if (niov == 2)
+                t->rb_tail = (size_t)n - pay;
+            if ((size_t)n < want && !t->hup)
+                t->readable = 0;
+        }
+        if (t->rx_got == t->rx_len) {
+            int rc = payload_done(c, t);
+            if (rc < 0) {
+                if (rc == DWCP_E_NOMEM && c->x)
+                    set_state(c, DWCP_E_NOMEM);
+                link_die(c, t, rc);
+                return;
             }
         }
-        if ((size_t)n < want && !t->hup)
-            t->readable = 0;
     }
-}
-
-/* The tail of a frame this set was sending when its last send call ended goes out before any ACK, or
- * the peer would read the ACK as payload. */
-static void rx_flush(xfer *x, stream *t)
-{
-    while (t->tx_carry && is_alive(t) && t->writable)
-        if (tx_step(x, t) <= 0)
-            return;
-    if (!t->tx_carry && is_alive(t))
-        flush_ctl(x, t);
 }
 
 /* ---------------------------------------------------------------- driver */
 
-static int xfer_complete(xfer *x)
+static void handle_events(wctx *c, struct epoll_event *evs, int nev)
 {
-    dwcp_streams *s = x->s;
-    if (x->sender) {
-        if (x->got_done)
-            return 1;
-        if (x->ndone < x->Keff)
-            return 0;
-        for (int i = 0; i < s->n; i++)
-            if (is_alive(&s->st[i]) && ctl_pending(&s->st[i]))
-                return 0; /* the receiver only learns the truncated length from TRUNCATE */
-        return 1;
-    }
-    if (!x->done_queued) {
-        if (x->ndone < x->Keff)
-            return 0;
-        uint64_t len = x->truncated ? x->trunc_len : x->length;
-        for (int i = 0; i < s->n; i++)
-            if (is_alive(&s->st[i]) && ctl_push(&s->st[i], DWCP_T_DONE, x->o->transfer_id, len) < 0)
-                return -1;
-        x->done_queued = 1;
-        x->again = 1;
-    }
-    for (int i = 0; i < s->n; i++)
-        if (is_alive(&s->st[i]) && ctl_pending(&s->st[i]))
-            return 0;
-    return 1;
-}
-
-static int run(xfer *x)
-{
-    dwcp_streams *s = x->s;
-    struct epoll_event evs[64];
-    for (;;) {
-        apply_kills(x);
-        if (__atomic_load_n(&s->interrupt, __ATOMIC_ACQUIRE))
-            return DWCP_E_CLOSED;
-        int c = xfer_complete(x);
-        if (c < 0)
-            return DWCP_E_NOMEM;
-        if (c)
-            return DWCP_OK;
-        if (x->proto_err == DWCP_E_NOMEM)
-            return DWCP_E_NOMEM;
-        if (dwcp_streams_alive_count(s) == 0)
-            return x->proto_err ? x->proto_err : DWCP_E_ALL_STREAMS;
-        int64_t now = now_ns();
-        if (now - x->last_progress >= x->timeout_ns)
-            return DWCP_E_TIMEOUT;
-        int64_t wait_ns = x->last_progress + x->timeout_ns - now;
-        if (x->sender && x->deadline && !x->truncated && x->next < x->K) {
-            if (now >= x->deadline) {
-                if (truncate_now(x) < 0)
-                    return DWCP_E_NOMEM;
-                wait_ns = 0;
-            } else if (x->deadline - now < wait_ns) {
-                wait_ns = x->deadline - now;
-            }
-        }
-        int wait_ms = x->again ? 0 : (int)((wait_ns + 999999) / 1000000);
-        x->again = 0;
-        int nev = epoll_wait(s->ep, evs, 64, wait_ms);
-        if (nev < 0) {
-            if (errno == EINTR)
-                continue;
-            DWCP_SET(s->stats.last_errno, errno);
-            return DWCP_E_SYSCALL;
-        }
-        for (int i = 0; i < nev; i++) {
-            uint32_t id = evs[i].data.u32;
-            if (id == EV_INTERRUPT) {
-                uint64_t v;
-                ssize_t r = read(s->evfd, &v, sizeof v);
-                (void)r;
-                continue;
-            }
-            stream *t = &s->st[id];
-            uint32_t e = evs[i].events;
-            if (e & EPOLLERR && (t->zc_issued != t->zc_done))
-                zc_reap(s, t);
-            /* HUP/ERR: let the next recv/send report EOF or the socket error. */
-            if (e & (EPOLLHUP | EPOLLRDHUP))
-                t->hup = 1;
-            if (e & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
-                t->readable = 1;
-            if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
-                t->writable = 1;
-        }
-        for (int i = 0; i < s->n; i++) {
-            stream *t = &s->st[i];
-            if (!is_alive(t))
-                continue;
-            if (x->sender) {
-                if (t->readable)
-                    tx_read(x, t);
-                if (is_alive(t) && t->writable && tx_has_work(x, t))
-                    tx_write(x, t);
-            } else {
-                if (t->readable)
-                    rx_read(x, t);
-                if (is_alive(t) && t->writable && (t->tx_carry || ctl_pending(t)))
-                    rx_flush(x, t);
-            }
-        }
-    }
-}
-
-/* Leave every stream framed and independent of the caller's buffer before returning. */
-static void finish_call(xfer *x)
-{
-    dwcp_streams *s = x->s;
-    for (int i = 0; i < s->n; i++) {
-        stream *t = &s->st[i];
-        if (!is_alive(t))
+    dwcp_streams *s = c->s;
+    for (int i = 0; i < nev; i++) {
+        uint32_t id = evs[i].data.u32;
+        if (id == EV_WAKE) {
+            uint64_t v;
+            ssize_t r = read(c->all ? s->solo_evfd : c->w->evfd, &v, sizeof v);
+            (void)r;
             continue;
-        ctl_trim(t);
-        if (x->sender && t->tx_active && !t->tx_carry) {
-            if (t->tx_sent == 0) {
-                tx_clear(t);
-            } else {
-                /* A frame cut off mid-way (completion via DONE, error, interrupt): the receiver's
-                 * framing needs its remaining bytes, but the caller owns the buffer from now on. */
-                size_t total = DWCP_HEADER_BYTES + t->tx_pay_len;
-                size_t rem = total - t->tx_sent;
-                uint8_t *p = malloc(rem);
-                if (!p) {
-                    mark_dead(s, t, ENOMEM);
-                    continue;
-                }
-                size_t o = 0;
-                if (t->tx_sent < DWCP_HEADER_BYTES) {
-                    o = DWCP_HEADER_BYTES - t->tx_sent;
-                    memcpy(p, t->tx_hdr + t->tx_sent, o);
-                    memcpy(p + o, t->tx_pay, t->tx_pay_len);
-                } else {
-                    memcpy(p, t->tx_pay + (t->tx_sent - DWCP_HEADER_BYTES), rem);
-                }
-                t->tx_carry = p;
-                t->tx_carry_len = rem;
-                t->tx_sent = 0;
-                t->tx_pay = NULL;
-                DBG_ADD(g_carry_buffers, 1);
-            }
         }
-        if (!x->sender && t->rx_mode == RX_DEST) {
-            /* The rest of this payload must never land in a buffer the caller got back. */
+        if (id >= (uint32_t)s->nl)
+            continue;
+        lnk *t = &s->l[id];
+        if (!owns(c, t) || !is_alive(t))
+            continue;
+        uint32_t e = evs[i].events;
+        if (e & EPOLLERR && t->zc_issued != t->zc_done)
+            zc_reap(s, t, &c->w->st);
+        /* HUP/ERR: let the next recv/send report EOF or the socket error. */
+        if (e & (EPOLLHUP | EPOLLRDHUP))
+            t->hup = 1;
+        if (e & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
+            t->readable = 1;
+        if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+            t->writable = 1;
+    }
+}
+
+static int wait_events(wctx *c, int wait_ms)
+{
+    struct epoll_event evs[64];
+    int nev = epoll_wait(c->ep, evs, 64, wait_ms);
+    if (nev < 0) {
+        if (errno == EINTR)
+            return 0;
+        DWCP_SET(c->s->last_errno, errno);
+        return DWCP_E_SYSCALL;
+    }
+    handle_events(c, evs, nev);
+    return 0;
+}
+
+static void serve_links(wctx *c)
+{
+    dwcp_streams *s = c->s;
+    for (int i = 0; i < s->nl; i++) {
+        lnk *t = &s->l[i];
+        if (!owns(c, t) || !is_alive(t))
+            continue;
+        if (t->readable || (t->rb_tail > t->rb_head && !t->parked))
+            link_read(c, t);
+        if (is_alive(t) && t->writable && tx_has_work(c, t))
+            link_write(c, t);
+    }
+}
+
+static int xfer_complete(const xfer *x)
+{
+    uint64_t keff = __atomic_load_n(&x->Keff, __ATOMIC_ACQUIRE);
+    uint64_t done = __atomic_load_n(&x->ndone, __ATOMIC_ACQUIRE);
+    if (x->sender) {
+        if (__atomic_load_n(&x->got_done, __ATOMIC_ACQUIRE))
+            return 1;
+        /* An announced transfer with nothing to acknowledge waits for DONE: it says the announcement
+         * arrived. */
+        return done >= keff && (keff > 0 || !x->o->begin);
+    }
+    return done >= keff;
+}
+
+static void push_truncates(wctx *c)
+{
+    dwcp_streams *s = c->s;
+    xfer *x = c->x;
+    c->trunc_pushed = 1;
+    for (int i = 0; i < s->nl; i++) {
+        lnk *t = &s->l[i];
+        if (!owns(c, t) || !is_alive(t))
+            continue;
+        if (ensure_begun(c, t) < 0 || ctl_push(t, DWCP_T_TRUNCATE, x->o->transfer_id, x->trunc_len) < 0) {
+            set_state(c, DWCP_E_NOMEM);
+            return;
+        }
+    }
+    c->again = 1;
+}
+
+static void drain_nacks(wctx *c)
+{
+    xfer *x = c->x;
+    pthread_mutex_lock(&x->mu);
+    size_t n = x->nnacks;
+    uint64_t *list = NULL;
+    if (n) {
+        list = malloc(n * sizeof *list);
+        if (list) {
+            memcpy(list, x->nacks, n * sizeof *list);
+            __atomic_store_n(&x->nnacks, 0, __ATOMIC_RELEASE);
+        }
+    }
+    pthread_mutex_unlock(&x->mu);
+    if (n && !list) {
+        set_state(c, DWCP_E_NOMEM);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        nack_somewhere(c, list[i], -1);
+    free(list);
+}
+
+static void run_share(wctx *c)
+{
+    dwcp_streams *s = c->s;
+    xfer *x = c->x;
+    c->again = 1; /* look at every link (and collect pending edges) before the first real wait */
+    for (;;) {
+        apply_kills(c);
+        if (__atomic_load_n(&s->interrupt, __ATOMIC_ACQUIRE))
+            set_state(c, DWCP_E_CLOSED);
+        if (state_of(x) != 0)
+            return;
+        if (x->sender && !c->trunc_pushed && __atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE))
+            push_truncates(c);
+        if (!x->sender && __atomic_load_n(&x->nnacks, __ATOMIC_ACQUIRE))
+            drain_nacks(c);
+        if (__atomic_load_n(&x->proto_err, __ATOMIC_RELAXED) == DWCP_E_NOMEM) {
+            set_state(c, DWCP_E_NOMEM);
+            return;
+        }
+        if (xfer_complete(x)) {
+            set_state(c, 1);
+            return;
+        }
+        if (__atomic_load_n(&s->n_alive, __ATOMIC_ACQUIRE) == 0) {
+            int pe = __atomic_load_n(&x->proto_err, __ATOMIC_RELAXED);
+            set_state(c, pe ? pe : DWCP_E_ALL_STREAMS);
+            return;
+        }
+        int64_t now = now_ns();
+        int64_t last = __atomic_load_n(&x->last_progress, __ATOMIC_RELAXED);
+        if (last < c->published)
+            last = c->published;
+        if (now - last >= x->timeout_ns) {
+            set_state(c, DWCP_E_TIMEOUT);
+            return;
+        }
+        int64_t wait_ns = last + x->timeout_ns - now;
+        if (x->sender && x->deadline && !__atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE) &&
+            __atomic_load_n(&x->next, __ATOMIC_ACQUIRE) < x->K) {
+            if (now >= x->deadline) {
+                pthread_mutex_lock(&x->mu);
+                truncate_locked(c);
+                pthread_mutex_unlock(&x->mu);
+                continue;
+            }
+            if (x->deadline - now < wait_ns)
+                wait_ns = x->deadline - now;
+        }
+        int wait_ms = c->again ? 0 : (int)((wait_ns + 999999) / 1000000);
+        c->again = 0;
+        int rc = wait_events(c, wait_ms);
+        if (rc) {
+            set_state(c, rc);
+            return;
+        }
+        serve_links(c);
+    }
+}
+
+/* Push out what this thread's links still hold (DONE, ACKs, TRUNCATE, the rest of a started frame)
+ * within the transfer's timeout. A DATA frame not yet started is dropped: its chunk no longer
+ * matters. */
+static int flush_links(wctx *c, int64_t timeout_ns, int *flushed)
+{
+    dwcp_streams *s = c->s;
+    int64_t end = now_ns() + timeout_ns;
+    for (;;) {
+        int pending = 0;
+        if (flushed)
+            *flushed = 0;
+        for (int i = 0; i < s->nl; i++) {
+            lnk *t = &s->l[i];
+            if (!owns(c, t) || !is_alive(t))
+                continue;
+            if (t->tx_active && t->tx_sent == 0)
+                t->tx_active = 0;
+            if (t->carry || wq_pending(t) || t->tx_active) {
+                if (t->writable)
+                    link_write(c, t);
+                if (is_alive(t) && (t->carry || wq_pending(t) || t->tx_active))
+                    pending = 1;
+            }
+            if (flushed && is_alive(t) && !t->carry && !wq_pending(t) && !t->tx_active)
+                (*flushed)++;
+        }
+        if (!pending)
+            return 0;
+        apply_kills(c);
+        int64_t left = end - now_ns();
+        if (left <= 0)
+            return DWCP_E_TIMEOUT;
+        int rc = wait_events(c, (int)((left + 999999) / 1000000));
+        if (rc)
+            return rc;
+    }
+}
+
+/* Leave every link framed and independent of the caller's buffer before the call returns. */
+static void finish_links(wctx *c)
+{
+    dwcp_streams *s = c->s;
+    for (int i = 0; i < s->nl; i++) {
+        lnk *t = &s->l[i];
+        if (!owns(c, t) || !is_alive(t))
+            continue;
+        wq_trim(t);
+        if (t->tx_active && t->tx_sent == 0)
+            t->tx_active = 0;
+        if (t->tx_active) {
+            /* A frame cut off mid-way (completion via DONE, error, interrupt): the receiver's framing
+             * needs its remaining bytes, but the caller owns the buffer from now on. It goes out
+             * before anything else on this link: ahead of the queue, after an older carry. */
+            size_t total = DWCP_HEADER_BYTES + t->tx_pay_len;
+            size_t rem = total - t->tx_sent;
+            size_t old = t->carry ? t->carry_len - t->carry_off : 0;
+            uint8_t *p = malloc(old + rem);
+            if (!p) {
+                mark_dead(s, t, ENOMEM);
+                continue;
+            }
+            if (old)
+                memcpy(p, t->carry + t->carry_off, old);
+            size_t o = old;
+            if (t->tx_sent < DWCP_HEADER_BYTES) {
+                size_t h = DWCP_HEADER_BYTES - t->tx_sent;
+                memcpy(p + o, t->tx_hdr + t->tx_sent, h);
+                memcpy(p + o + h, t->tx_pay, t->tx_pay_len);
+            } else {
+                memcpy(p + o, t->tx_pay + (t->tx_sent - DWCP_HEADER_BYTES), rem);
+            }
+            if (!t->carry)
+                DBG_ADD(g_carry_buffers, 1);
+            free(t->carry);
+            t->carry = p;
+            t->carry_len = old + rem;
+            t->carry_off = 0;
+            t->tx_active = 0;
+            t->tx_sent = 0;
+            t->tx_pay = NULL;
+        }
+        if (t->rx_mode == RX_DEST || t->rx_mode == RX_DISCARD) {
+            /* The rest of this payload must never land in a buffer the caller got back, and a
+             * duplicate of this call's transfer earns no ACK from a later call. */
             t->rx_mode = RX_DISCARD;
             t->rx_dup_ack = 0;
             t->rx_current = 0;
         }
     }
+}
+
+/* One thread's whole part of a transfer: its share of the event loop, then the end. */
+static int run_thread_part(wctx *c)
+{
+    xfer *x = c->x;
+    run_share(c);
+    int rc = 0;
+    int st = state_of(x);
+    if (st == 1 && x->sender) {
+        /* Complete by ACKs after a truncation: the receiver learns where the transfer ends only from
+         * TRUNCATE, so it must leave (behind any frame already started on its link). With DONE the
+         * receiver needs nothing more: a started duplicate is carried into the next call instead,
+         * since the receiver no longer reads it and waiting for it could block until the timeout. */
+        if (!__atomic_load_n(&x->got_done, __ATOMIC_ACQUIRE) && __atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE))
+            rc = flush_links(c, x->timeout_ns, NULL);
+    } else if (st == 1) {
+        /* DONE on every live link: the sender may have lost any one of them. */
+        uint64_t len = __atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE) ? x->trunc_len : x->length;
+        for (int i = 0; i < c->s->nl && !rc; i++) {
+            lnk *t = &c->s->l[i];
+            if (owns(c, t) && is_alive(t) && ctl_push(t, DWCP_T_DONE, x->o->transfer_id, len) < 0)
+                rc = DWCP_E_NOMEM;
+        }
+        if (!rc)
+            rc = flush_links(c, x->timeout_ns, NULL);
+    }
+    finish_links(c);
+    return rc;
+}
+
+static void *worker_main(void *arg)
+{
+    worker *w = arg;
+    dwcp_streams *s = w->s;
+    unsigned seen = 0;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (s->gen == seen && !s->stop)
+            pthread_cond_wait(&s->go_cv, &s->mu);
+        if (s->stop)
+            break;
+        seen = s->gen;
+        xfer *x = s->job;
+        pthread_mutex_unlock(&s->mu);
+        wctx c = {.s = s, .x = x, .w = w, .ep = w->ep, .all = 0};
+        int rc = run_thread_part(&c);
+        pthread_mutex_lock(&s->mu);
+        if (rc && !x->flush_rc)
+            x->flush_rc = rc;
+        if (--s->active == 0)
+            pthread_cond_signal(&s->done_cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static int start_threads(dwcp_streams *s)
+{
+    if (s->threads_ok)
+        return 1;
+    for (int i = 1; i < s->T; i++) {
+        if (s->w[i].started)
+            continue;
+        if (pthread_create(&s->w[i].th, NULL, worker_main, &s->w[i]) != 0)
+            return 0;
+        s->w[i].started = 1;
+        DBG_ADD(g_io_threads, 1);
+    }
+    s->threads_ok = 1;
+    return 1;
 }
 
 static int xfer_init(xfer *x, dwcp_streams *s, int sender, const void *buf, uint64_t buf_len,
@@ -1275,12 +1852,16 @@ static int xfer_init(xfer *x, dwcp_streams *s, int sender, const void *buf, uint
     x->s = s;
     x->sender = sender;
     x->o = o;
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_mutex_init(&x->pmu, NULL);
     if (!o || !o->chunk_bytes || o->chunk_bytes > DWCP_MAX_CHUNK_BYTES)
         return DWCP_E_INVAL;
     if (o->csum_flags & ~(DWCP_FLAG_CSUM_CRC32C | DWCP_FLAG_CSUM_XXH3) ||
         o->csum_flags == (DWCP_FLAG_CSUM_CRC32C | DWCP_FLAG_CSUM_XXH3))
         return DWCP_E_INVAL;
     if (o->frame_flags & ~DWCP_FLAG_COMPRESSED)
+        return DWCP_E_INVAL;
+    if (o->begin_len > DWCP_MAX_CONTROL_BYTES || (o->begin_len && !o->begin))
         return DWCP_E_INVAL;
     x->buf = (uint8_t *)buf;
     x->buf_len = buf_len;
@@ -1293,17 +1874,16 @@ static int xfer_init(xfer *x, dwcp_streams *s, int sender, const void *buf, uint
     }
     if (x->length && !buf)
         return DWCP_E_INVAL;
+    if (o->sink && (sender || !x->wrap))
+        return DWCP_E_INVAL;
+    x->sink = o->sink;
     x->K = x->length / x->chunk + (x->length % x->chunk != 0);
+    if (x->K > MAX_CHUNKS)
+        return DWCP_E_INVAL; /* more chunk states than we keep: use a larger chunk size */
     x->Keff = x->K;
-    if (sender && x->K) {
-        if (x->wrap && o->csum_flags) {
-            uint64_t slots = buf_len / x->chunk;
-            x->csum_cache = malloc((size_t)slots * sizeof *x->csum_cache);
-            x->csum_valid = calloc((size_t)slots, 1);
-            if (!x->csum_cache || !x->csum_valid)
-                return DWCP_E_NOMEM;
-        }
-    }
+    x->npages = (x->K + SP_SIZE - 1) / SP_SIZE;
+    if (x->npages && !(x->pages = calloc((size_t)x->npages, sizeof *x->pages)))
+        return DWCP_E_NOMEM;
     x->timeout_ns = (int64_t)(o->timeout_ms > 0 ? o->timeout_ms : 30000) * 1000000;
     x->deadline = sender ? o->deadline_ns : 0;
     x->use_zc = sender && o->zerocopy == DWCP_ZC_ON;
@@ -1314,21 +1894,14 @@ static int xfer_init(xfer *x, dwcp_streams *s, int sender, const void *buf, uint
 
 static void xfer_free(xfer *x)
 {
-    free(x->st);
+    for (uint64_t p = 0; p < x->npages; p++)
+        free(x->pages[p]);
+    free(x->pages);
     free(x->rq);
-    free(x->csum_cache);
-    free(x->csum_valid);
     free(x->drops);
-}
-
-static void arm_streams(dwcp_streams *s)
-{
-    /* Readiness edges may have been consumed by an earlier call or never delivered (the set is new):
-     * assume ready and let EAGAIN correct it, at the cost of one syscall per stream. */
-    for (int i = 0; i < s->n; i++) {
-        s->st[i].readable = s->st[i].writable = 1;
-        s->st[i].rx_parked = 0;
-    }
+    free(x->nacks);
+    pthread_mutex_destroy(&x->mu);
+    pthread_mutex_destroy(&x->pmu);
 }
 
 static int enable_zerocopy(dwcp_streams *s)
@@ -1336,14 +1909,34 @@ static int enable_zerocopy(dwcp_streams *s)
     if (s->zc_sockopt)
         return 1;
     int one = 1;
-    for (int i = 0; i < s->n; i++) {
-        if (!is_alive(&s->st[i]))
+    for (int i = 0; i < s->nl; i++) {
+        if (!is_alive(&s->l[i]))
             continue;
-        if (setsockopt(s->st[i].fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) < 0)
+        if (setsockopt(s->l[i].fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) < 0)
             return 0;
     }
     s->zc_sockopt = 1;
     return 1;
+}
+
+static void unpark_all(dwcp_streams *s)
+{
+    for (int i = 0; i < s->nl; i++)
+        s->l[i].parked = 0;
+}
+
+static void clear_stop_msg(dwcp_streams *s)
+{
+    pthread_mutex_lock(&s->inbox_mu);
+    free(s->stop_msg);
+    s->stop_msg = NULL;
+    pthread_mutex_unlock(&s->inbox_mu);
+}
+
+static int use_threads(const dwcp_streams *s, const xfer *x)
+{
+    return s->T > 1 && x->length >= DWCP_MT_MIN_BYTES && x->K >= 2 * (uint64_t)s->T &&
+           __atomic_load_n(&s->n_alive_data, __ATOMIC_ACQUIRE) > 1;
 }
 
 static int transfer(dwcp_streams *s, int sender, const void *buf, uint64_t buf_len,
@@ -1366,21 +1959,57 @@ static int transfer(dwcp_streams *s, int sender, const void *buf, uint64_t buf_l
         }
     }
     if (rc == 0) {
-        if (x.use_zc && !s->zc_fallback && !enable_zerocopy(s))
+        clear_stop_msg(s);
+        if (x.use_zc && !LOAD(s->zc_fallback) && !enable_zerocopy(s))
             x.use_zc = 0; /* the kernel refuses SO_ZEROCOPY: plain sends are the only option */
-        arm_streams(s);
-        x.again = 1; /* the edges may be gone: look at every stream before the first wait */
-        rc = run(&x);
+        unpark_all(s);
+        x.mt = use_threads(s, &x) && start_threads(s);
+        wctx c = {.s = s, .x = &x, .w = &s->w[0], .ep = x.mt ? s->w[0].ep : s->solo_ep, .all = !x.mt};
+        if (x.mt) {
+            DWCP_ADD(s->w[0].st.mt_transfers, 1);
+            pthread_mutex_lock(&s->mu);
+            s->job = &x;
+            s->active = s->T - 1;
+            s->gen++;
+            pthread_cond_broadcast(&s->go_cv);
+            pthread_mutex_unlock(&s->mu);
+        }
+        int frc = run_thread_part(&c);
+        if (x.mt) {
+            pthread_mutex_lock(&s->mu);
+            while (s->active)
+                pthread_cond_wait(&s->done_cv, &s->mu);
+            s->job = NULL;
+            if (!frc)
+                frc = x.flush_rc;
+            pthread_mutex_unlock(&s->mu);
+        }
+        int st = state_of(&x);
+        rc = st == 1 ? frc : st;
         if (rc == DWCP_E_CLOSED)
             __atomic_store_n(&s->interrupt, 0, __ATOMIC_RELEASE);
-        finish_call(&x);
+        uint64_t len = __atomic_load_n(&x.truncated, __ATOMIC_ACQUIRE) ? x.trunc_len : x.length;
+        if (st == 1 && sender) {
+            /* DONE vouches for every chunk whose ACK never came: count them now that every thread
+             * has stopped (exactly, with no ACK racing the count). */
+            uint64_t keff = __atomic_load_n(&x.Keff, __ATOMIC_ACQUIRE);
+            if (keff > x.ndone) {
+                DWCP_ADD(s->w[0].st.chunks, keff - x.ndone);
+                DWCP_ADD(s->w[0].st.bytes_payload, len - x.done_bytes);
+            }
+        }
+        if (st == 1 && !sender) {
+            s->done_recv_id = o->transfer_id;
+            s->done_recv_len = len;
+            s->have_done_recv = 1;
+        }
         if (x.use_zc || zc_outstanding(s)) {
             int zr = zc_drain(s, rc == DWCP_OK ? (int)(x.timeout_ns / 1000000) : 1000);
             if (rc == DWCP_OK && zr)
                 rc = zr;
         }
         if (rc == DWCP_OK && out_len)
-            *out_len = x.truncated ? x.trunc_len : x.length;
+            *out_len = len;
     }
     xfer_free(&x);
     __atomic_store_n(&s->busy, 0, __ATOMIC_RELEASE);
@@ -1399,56 +2028,274 @@ int dwcp_recv_transfer(dwcp_streams *s, void *buf, uint64_t buf_len, const dwcp_
     return transfer(s, 0, buf, buf_len, opts, recv_length);
 }
 
+/* ---------------------------------------------------------------- control calls */
+
+static int inbox_pop(dwcp_streams *s, uint8_t *type, uint64_t *tid, uint8_t *buf, uint32_t cap, uint32_t *len)
+{
+    pthread_mutex_lock(&s->inbox_mu);
+    ctlmsg *m = NULL;
+    if (s->inbox_n) {
+        m = s->inbox[s->inbox_head];
+        if (m->len > cap) {
+            pthread_mutex_unlock(&s->inbox_mu);
+            return DWCP_E_INVAL;
+        }
+        s->inbox_head = (s->inbox_head + 1) % INBOX_MAX;
+        s->inbox_n--;
+    }
+    pthread_mutex_unlock(&s->inbox_mu);
+    if (!m)
+        return 1;
+    *type = m->type;
+    *tid = m->tid;
+    *len = m->len;
+    if (m->len)
+        memcpy(buf, m->payload, m->len);
+    free(m);
+    return 0;
+}
+
+int dwcp_next_control(dwcp_streams *s, int timeout_ms, uint8_t *type, uint64_t *transfer_id, uint8_t *buf,
+                      uint32_t cap, uint32_t *len)
+{
+    if (!s || !type || !transfer_id || !buf || !len || cap < DWCP_MAX_CONTROL_BYTES)
+        return DWCP_E_INVAL;
+    if (__atomic_exchange_n(&s->busy, 1, __ATOMIC_ACQUIRE))
+        return DWCP_E_INVAL;
+    int64_t end = timeout_ms < 0 ? 0 : now_ns() + (int64_t)timeout_ms * 1000000;
+    wctx c = {.s = s, .x = NULL, .w = &s->w[0], .ep = s->solo_ep, .all = 1};
+    int rc;
+    unpark_all(s);
+    c.again = 1;
+    for (;;) {
+        rc = inbox_pop(s, type, transfer_id, buf, cap, len);
+        if (rc <= 0)
+            break;
+        apply_kills(&c);
+        if (__atomic_load_n(&s->interrupt, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&s->interrupt, 0, __ATOMIC_RELEASE);
+            rc = DWCP_E_CLOSED;
+            break;
+        }
+        if (__atomic_load_n(&s->n_alive, __ATOMIC_ACQUIRE) == 0) {
+            rc = c.idle_rc ? c.idle_rc : DWCP_E_ALL_STREAMS;
+            break;
+        }
+        int wait_ms = -1;
+        if (timeout_ms >= 0) {
+            int64_t left = end - now_ns();
+            if (left <= 0) {
+                rc = DWCP_E_TIMEOUT;
+                break;
+            }
+            wait_ms = (int)((left + 999999) / 1000000);
+        }
+        if (c.again)
+            wait_ms = 0;
+        c.again = 0;
+        rc = wait_events(&c, wait_ms);
+        if (rc)
+            break;
+        serve_links(&c);
+        /* Data of a transfer that was never announced on the link it came on: a correct peer puts
+         * XFER_BEGIN ahead of it there, so waiting for the announcement would wait forever. */
+        for (int i = 0; i < s->nl; i++) {
+            lnk *t = &s->l[i];
+            if (!is_alive(t) || !t->parked)
+                continue;
+            uint64_t tid = dwcp_ld64(t->rb + t->rb_head + 16);
+            pthread_mutex_lock(&s->inbox_mu);
+            int announced = s->have_begin_id && tid <= s->last_begin_id;
+            pthread_mutex_unlock(&s->inbox_mu);
+            if (!announced)
+                link_die(&c, t, DWCP_E_PEER);
+        }
+    }
+    finish_links(&c);
+    __atomic_store_n(&s->busy, 0, __ATOMIC_RELEASE);
+    return rc;
+}
+
+int dwcp_send_control(dwcp_streams *s, uint8_t type, uint64_t transfer_id, const uint8_t *payload,
+                      uint32_t len, int timeout_ms)
+{
+    if (!s || len > DWCP_MAX_CONTROL_BYTES || (len && !payload) ||
+        (type != DWCP_T_ABORT && type != DWCP_T_CLOSE) || (type == DWCP_T_CLOSE && (len || transfer_id)))
+        return DWCP_E_INVAL;
+    if (__atomic_exchange_n(&s->busy, 1, __ATOMIC_ACQUIRE))
+        return DWCP_E_INVAL;
+    wctx c = {.s = s, .x = NULL, .w = &s->w[0], .ep = s->solo_ep, .all = 1};
+    int rc = 0;
+    for (int i = 0; i < s->nl && rc == 0; i++) {
+        lnk *t = &s->l[i];
+        if (is_alive(t) && !__atomic_load_n(&t->kill_req, __ATOMIC_ACQUIRE))
+            rc = wq_frame(t, type, transfer_id, 0, payload, len);
+    }
+    int flushed = 0;
+    if (rc == 0) {
+        rc = flush_links(&c, (int64_t)(timeout_ms > 0 ? timeout_ms : 1) * 1000000, &flushed);
+        if (rc == 0 || rc == DWCP_E_TIMEOUT)
+            rc = flushed;
+    }
+    finish_links(&c);
+    __atomic_store_n(&s->busy, 0, __ATOMIC_RELEASE);
+    return rc;
+}
+
+int dwcp_streams_stop_frame(const dwcp_streams *s, uint8_t *type, uint8_t *buf, uint32_t cap, uint32_t *len)
+{
+    if (!s || !type || !len)
+        return DWCP_E_INVAL;
+    dwcp_streams *m = (dwcp_streams *)s;
+    pthread_mutex_lock(&m->inbox_mu);
+    int rc = DWCP_E_INVAL;
+    if (m->stop_msg) {
+        uint32_t n = m->stop_msg->len < cap ? m->stop_msg->len : cap;
+        *type = m->stop_msg->type;
+        if (n && buf)
+            memcpy(buf, m->stop_msg->payload, n);
+        *len = buf ? n : 0;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&m->inbox_mu);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- lifecycle */
 
-dwcp_streams *dwcp_streams_new(const int *fds, int n)
+int dwcp_usable_cpus(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int n = CPU_COUNT(&set);
+        if (n > 0)
+            return n;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+static void free_set(dwcp_streams *s)
+{
+    if (s->w) {
+        for (int i = 0; i < s->T; i++) {
+            if (s->w[i].ep >= 0)
+                close(s->w[i].ep);
+            if (s->w[i].evfd >= 0)
+                close(s->w[i].evfd);
+            free(s->w[i].scratch);
+        }
+        free(s->w);
+    }
+    if (s->l) {
+        for (int i = 0; i < s->nl; i++) {
+            lnk *t = &s->l[i];
+            carry_free(t);
+            free(t->wq);
+            free(t->rb);
+            free(t->rx_ctl);
+            dwcp_csum_free(&t->rx_sum);
+        }
+        free(s->l);
+    }
+    if (s->solo_ep >= 0)
+        close(s->solo_ep);
+    if (s->solo_evfd >= 0)
+        close(s->solo_evfd);
+    for (int i = 0; i < s->inbox_n; i++)
+        free(s->inbox[(s->inbox_head + i) % INBOX_MAX]);
+    free(s->stop_msg);
+    pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->inbox_mu);
+    pthread_cond_destroy(&s->go_cv);
+    pthread_cond_destroy(&s->done_cv);
+    free(s);
+}
+
+static int add_fd(int ep, int fd, uint32_t id)
+{
+    struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u32 = id};
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e);
+}
+
+dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
 {
     if (!fds || n < 1 || n > DWCP_MAX_STREAMS)
+        return NULL;
+    int ctl_fd = opts ? opts->control_fd : -1;
+    int want = opts ? opts->io_threads : 0;
+    if (want < 0 || want > DWCP_MAX_IO_THREADS)
         return NULL;
     dwcp_streams *s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
     s->n = n;
-    s->ep = -1;
-    s->evfd = -1;
-    s->st = calloc((size_t)n, sizeof *s->st);
-    s->scratch = malloc(SCRATCH_BYTES);
-    if (!s->st || !s->scratch)
+    s->nl = n + (ctl_fd >= 0);
+    s->solo_ep = s->solo_evfd = -1;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->inbox_mu, NULL);
+    pthread_cond_init(&s->go_cv, NULL);
+    pthread_cond_init(&s->done_cv, NULL);
+    int T = want ? want : dwcp_usable_cpus();
+    if (T > n)
+        T = n;
+    if (T > DWCP_MAX_IO_THREADS)
+        T = DWCP_MAX_IO_THREADS;
+    if (T < 1)
+        T = 1;
+    s->T = T;
+    s->l = calloc((size_t)s->nl, sizeof *s->l);
+    s->w = calloc((size_t)T, sizeof *s->w);
+    if (!s->l || !s->w)
         goto fail;
-    s->ep = epoll_create1(EPOLL_CLOEXEC);
-    s->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (s->ep < 0 || s->evfd < 0)
+    for (int i = 0; i < T; i++) {
+        worker *w = &s->w[i];
+        w->s = s;
+        w->id = i;
+        w->ep = epoll_create1(EPOLL_CLOEXEC);
+        w->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        w->scratch = malloc(SCRATCH_BYTES);
+        if (w->ep < 0 || w->evfd < 0 || !w->scratch)
+            goto fail;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = EV_WAKE};
+        if (epoll_ctl(w->ep, EPOLL_CTL_ADD, w->evfd, &ev) < 0)
+            goto fail;
+    }
+    s->solo_ep = epoll_create1(EPOLL_CLOEXEC);
+    s->solo_evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->solo_ep < 0 || s->solo_evfd < 0)
         goto fail;
-    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = EV_INTERRUPT};
-    if (epoll_ctl(s->ep, EPOLL_CTL_ADD, s->evfd, &ev) < 0)
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = EV_WAKE};
+    if (epoll_ctl(s->solo_ep, EPOLL_CTL_ADD, s->solo_evfd, &ev) < 0)
         goto fail;
-    for (int i = 0; i < n; i++) {
-        stream *t = &s->st[i];
-        t->fd = fds[i];
+    for (int i = 0; i < s->nl; i++) {
+        lnk *t = &s->l[i];
+        t->fd = i < n ? fds[i] : ctl_fd;
         t->idx = i;
-        if (fds[i] < 0)
+        t->is_ctl = i == n;
+        t->wire = t->is_ctl ? (uint16_t)DWCP_STREAM_CONTROL : (uint16_t)i;
+        t->owner = t->is_ctl ? 0 : i % T;
+        t->readable = t->writable = 1; /* no edge seen yet: look, and let EAGAIN correct it */
+        t->rb = malloc(RBUF_BYTES);
+        if (t->fd < 0 || !t->rb || dwcp_csum_init(&t->rx_sum) < 0)
             goto fail;
         int fl = fcntl(t->fd, F_GETFL);
         if (fl < 0 || fcntl(t->fd, F_SETFL, fl | O_NONBLOCK) < 0)
             goto fail;
         int one = 1;
         setsockopt(t->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-                                .data.u32 = (uint32_t)i};
-        if (epoll_ctl(s->ep, EPOLL_CTL_ADD, t->fd, &e) < 0)
+        if (add_fd(s->solo_ep, t->fd, (uint32_t)i) < 0)
             goto fail; /* not pollable, or the same fd twice */
+        if (add_fd(s->w[t->owner].ep, t->fd, (uint32_t)i) < 0)
+            goto fail;
         t->alive = 1;
     }
+    s->n_alive = s->nl;
+    s->n_alive_data = n;
     DBG_ADD(g_live_sets, 1);
     return s;
 fail:
-    if (s->ep >= 0)
-        close(s->ep);
-    if (s->evfd >= 0)
-        close(s->evfd);
-    free(s->st);
-    free(s->scratch);
-    free(s);
+    free_set(s);
     return NULL;
 }
 
@@ -1456,18 +2303,19 @@ void dwcp_streams_free(dwcp_streams *s)
 {
     if (!s)
         return;
-    for (int i = 0; i < s->n; i++) {
-        stream *t = &s->st[i];
-        tx_clear(t);
-        free(t->ctl);
-        /* Completions still owed (a peer that never read): the pages stay pinned by the kernel,
-         * which holds its own references, so this leaks nothing but the count. */
+    pthread_mutex_lock(&s->mu);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->go_cv);
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 1; i < s->T; i++) {
+        if (s->w[i].started) {
+            pthread_join(s->w[i].th, NULL);
+            DBG_ADD(g_io_threads, -1);
+        }
     }
-    close(s->ep);
-    close(s->evfd);
-    free(s->st);
-    free(s->scratch);
-    free(s);
+    /* Completions still owed (a peer that never read): the pages stay pinned by the kernel, which
+     * holds its own references, so this leaks nothing but the count. */
+    free_set(s);
     DBG_ADD(g_live_sets, -1);
 }
 
@@ -1476,11 +2324,16 @@ int dwcp_streams_count(const dwcp_streams *s)
     return s ? s->n : 0;
 }
 
+int dwcp_streams_io_threads(const dwcp_streams *s)
+{
+    return s ? s->T : 0;
+}
+
 int dwcp_streams_alive(const dwcp_streams *s, int i)
 {
-    if (!s || i < 0 || i >= s->n)
+    if (!s || i < 0 || i >= s->nl)
         return 0;
-    return is_alive(&s->st[i]) && !__atomic_load_n(&s->st[i].kill_req, __ATOMIC_RELAXED);
+    return is_alive(&s->l[i]) && !__atomic_load_n(&s->l[i].kill_req, __ATOMIC_RELAXED);
 }
 
 int dwcp_streams_alive_count(const dwcp_streams *s)
@@ -1493,38 +2346,44 @@ int dwcp_streams_alive_count(const dwcp_streams *s)
 
 void dwcp_streams_kill(dwcp_streams *s, int i)
 {
-    if (!s || i < 0 || i >= s->n)
+    if (!s || i < 0 || i >= s->nl)
         return;
-    stream *t = &s->st[i];
+    lnk *t = &s->l[i];
     if (__atomic_exchange_n(&t->kill_req, 1, __ATOMIC_ACQ_REL))
         return;
-    /* The socket is shut down here (thread-safe) so a transfer blocked on it wakes up; its chunks
-     * are re-queued by the engine thread, which owns the per-stream state. */
+    /* The socket is shut down here (thread-safe) so a call blocked on it wakes up; its chunks are
+     * re-queued by the thread that drives the link, which owns the per-link state. */
     shutdown(t->fd, SHUT_RDWR);
     __atomic_store_n(&s->kills, 1, __ATOMIC_RELEASE);
-    uint64_t one = 1;
-    ssize_t r = write(s->evfd, &one, sizeof one);
-    (void)r;
+    wake(s->solo_evfd);
+    for (int k = 0; k < s->T; k++)
+        wake(s->w[k].evfd);
 }
 
 void dwcp_streams_stats(const dwcp_streams *s, dwcp_stats *out)
 {
     if (!s || !out)
         return;
-    out->bytes_payload = DWCP_GET(s->stats.bytes_payload);
-    out->bytes_wire = DWCP_GET(s->stats.bytes_wire);
-    out->chunks = DWCP_GET(s->stats.chunks);
-    out->chunks_resent = DWCP_GET(s->stats.chunks_resent);
-    out->chunks_duplicate = DWCP_GET(s->stats.chunks_duplicate);
-    out->checksum_errors = DWCP_GET(s->stats.checksum_errors);
-    out->streams_failed = DWCP_GET(s->stats.streams_failed);
-    out->zc_sends = DWCP_GET(s->stats.zc_sends);
-    out->zc_completions = DWCP_GET(s->stats.zc_completions);
-    out->zc_copied = DWCP_GET(s->stats.zc_copied);
-    out->zc_fallback = DWCP_GET(s->stats.zc_fallback);
-    out->last_errno = DWCP_GET(s->stats.last_errno);
-    out->last_failed_stream = DWCP_GET(s->stats.last_failed_stream);
-    out->truncated_at = DWCP_GET(s->stats.truncated_at);
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < s->T; i++) {
+        const dwcp_stats *w = &s->w[i].st;
+        out->bytes_payload += DWCP_GET(w->bytes_payload);
+        out->bytes_wire += DWCP_GET(w->bytes_wire);
+        out->chunks += DWCP_GET(w->chunks);
+        out->chunks_resent += DWCP_GET(w->chunks_resent);
+        out->chunks_duplicate += DWCP_GET(w->chunks_duplicate);
+        out->checksum_errors += DWCP_GET(w->checksum_errors);
+        out->zc_sends += DWCP_GET(w->zc_sends);
+        out->zc_completions += DWCP_GET(w->zc_completions);
+        out->zc_copied += DWCP_GET(w->zc_copied);
+        out->control_frames += DWCP_GET(w->control_frames);
+        out->mt_transfers += DWCP_GET(w->mt_transfers);
+    }
+    out->streams_failed = DWCP_GET(s->streams_failed);
+    out->zc_fallback = (uint64_t)__atomic_load_n(&s->zc_fallback, __ATOMIC_RELAXED);
+    out->last_errno = DWCP_GET(s->last_errno);
+    out->last_failed_stream = DWCP_GET(s->last_failed_stream);
+    out->truncated_at = DWCP_GET(s->truncated_at);
 }
 
 void dwcp_streams_interrupt(dwcp_streams *s)
@@ -1532,9 +2391,9 @@ void dwcp_streams_interrupt(dwcp_streams *s)
     if (!s)
         return;
     __atomic_store_n(&s->interrupt, 1, __ATOMIC_RELEASE);
-    uint64_t one = 1;
-    ssize_t r = write(s->evfd, &one, sizeof one);
-    (void)r;
+    wake(s->solo_evfd);
+    for (int k = 0; k < s->T; k++)
+        wake(s->w[k].evfd);
 }
 
 int dwcp_zerocopy_supported(void)
@@ -1556,6 +2415,7 @@ int dwcp_debug_counters(dwcp_debug_counts *out)
     out->live_stream_sets = __atomic_load_n(&g_live_sets, __ATOMIC_RELAXED);
     out->zc_pending = __atomic_load_n(&g_zc_pending, __ATOMIC_RELAXED);
     out->carry_buffers = __atomic_load_n(&g_carry_buffers, __ATOMIC_RELAXED);
+    out->io_threads = __atomic_load_n(&g_io_threads, __ATOMIC_RELAXED);
     return 0;
 #else
     (void)out;

@@ -239,3 +239,52 @@ uint64_t dwcp_payload_checksum(uint16_t flags, const void *buf, size_t len)
         return dwcp_crc32c(0, buf, len);
     return 0;
 }
+
+/* ---------------------------------------------------------------- incremental payload checksum */
+
+int dwcp_csum_init(dwcp_csum *c)
+{
+    c->flags = 0;
+    c->crc = 0;
+    c->xxh = XXH3_createState(); /* aligned as XXH3_state_t requires */
+    return c->xxh ? 0 : DWCP_E_NOMEM;
+}
+
+void dwcp_csum_free(dwcp_csum *c)
+{
+    if (c->xxh)
+        XXH3_freeState((XXH3_state_t *)c->xxh);
+    c->xxh = NULL;
+}
+
+void dwcp_csum_reset(dwcp_csum *c, uint16_t flags)
+{
+    c->flags = flags;
+    c->crc = 0;
+    if (flags & DWCP_FLAG_CSUM_XXH3)
+        (void)XXH3_64bits_reset((XXH3_state_t *)c->xxh);
+}
+
+void dwcp_csum_update(dwcp_csum *c, const void *buf, size_t len)
+{
+    if (c->flags & DWCP_FLAG_CSUM_XXH3) {
+#ifdef DWCP_HAVE_XXH3_AVX2
+        if (xxh_avx2) {
+            dwcp_xxh3_avx2_update(c->xxh, buf, len);
+            return;
+        }
+#endif
+        (void)XXH3_64bits_update((XXH3_state_t *)c->xxh, buf, len);
+    } else if (c->flags & DWCP_FLAG_CSUM_CRC32C) {
+        c->crc = dwcp_crc32c(c->crc, buf, len);
+    }
+}
+
+uint64_t dwcp_csum_digest(const dwcp_csum *c)
+{
+    if (c->flags & DWCP_FLAG_CSUM_XXH3)
+        return (uint64_t)XXH3_64bits_digest((const XXH3_state_t *)c->xxh);
+    if (c->flags & DWCP_FLAG_CSUM_CRC32C)
+        return c->crc;
+    return 0;
+}

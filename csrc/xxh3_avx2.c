@@ -20,5 +20,10 @@ uint64_t dwcp_xxh3_avx2(const void *buf, size_t len)
 {
     return (uint64_t)XXH3_64bits(buf, len);
 }
+
+void dwcp_xxh3_avx2_update(void *state, const void *buf, size_t len)
+{
+    (void)XXH3_64bits_update((XXH3_state_t *)state, buf, len);
+}
 #pragma GCC pop_options
 #endif

@@ -8,6 +8,7 @@ and raises :mod:`dwcp.errors` exceptions; transfers run without the GIL."""
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release,
                              PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -17,8 +18,8 @@ from dwcp.includes.amst cimport *
 
 import math
 
-from dwcp.errors import (CapabilityError, ConfigError, DWCPError, ProtocolError, TransportError,
-                         convert_error)
+from dwcp.errors import (CapabilityError, ConfigError, DWCPError, ProtocolError, TransferTimeout,
+                         TransportError, convert_error)
 
 HEADER_BYTES = DWCP_HEADER_BYTES
 MAX_CHUNK_BYTES = DWCP_MAX_CHUNK_BYTES
@@ -160,23 +161,69 @@ def features():
     }
 
 
+def usable_cpus():
+    """CPUs this process may run on (its affinity mask): the default I/O thread count."""
+    return dwcp_usable_cpus()
+
+
 def debug_counters():
     """Engine resource counters (builds with DWCP_DEBUG=1): live stream sets, un-reaped zero-copy
-    sends and carried frame copies. Tests assert they return to their start values."""
+    sends, carried frame copies and running I/O threads. Tests assert they return to their start
+    values."""
     cdef dwcp_debug_counts dc
     if dwcp_debug_counters(&dc) != 0:
         raise CapabilityError("debug counters need a debug build: DWCP_DEBUG=1 python3 setup.py "
                               "build_ext --inplace --force")
     return {"live_stream_sets": dc.live_stream_sets, "zc_pending": dc.zc_pending,
-            "carry_buffers": dc.carry_buffers}
+            "carry_buffers": dc.carry_buffers, "io_threads": dc.io_threads}
 
+
+cdef extern from "sys/mman.h" nogil:
+    int madvise(void *addr, size_t length, int advice)
+    enum:
+        MADV_HUGEPAGE
+
+cdef size_t _HUGE = 2 << 20
+
+
+def alloc_bytearray(Py_ssize_t n):
+    """A bytearray of n bytes whose contents are NOT initialised (the caller overwrites every byte
+    before anyone reads it: a receive buffer). Large ones are advised onto transparent huge pages, so
+    the first write faults them in 2 MiB at a time instead of 4 KiB (256 MiB: ~25 ms instead of ~170 ms
+    for bytearray(n), which zero-fills page by page)."""
+    cdef char *p
+    cdef size_t start, end
+    if n < 0:
+        raise ConfigError(f"size must be >= 0, got {n}")
+    out = PyByteArray_FromStringAndSize(NULL, n)
+    if n >= 2 * _HUGE:
+        p = PyByteArray_AS_STRING(out)
+        start = (<size_t>p + _HUGE - 1) & ~(_HUGE - 1)
+        end = (<size_t>p + <size_t>n) & ~(_HUGE - 1)
+        if end > start:
+            madvise(<void *>start, end - start, MADV_HUGEPAGE)  # advice only: failure is harmless
+    return out
+
+
+def set_bytearray_size(bytearray buf, Py_ssize_t n):
+    """Resize buf to n bytes without initialising new bytes (they are overwritten by a receive). Within
+    the allocation (``buf.__alloc__()``) and at least half of it, the memory is kept as it is."""
+    if n < 0:
+        raise ConfigError(f"size must be >= 0, got {n}")
+    PyByteArray_Resize(buf, n)
+
+
+STREAM_CONTROL = DWCP_STREAM_CONTROL
+MT_MIN_BYTES = DWCP_MT_MIN_BYTES
+MAX_IO_THREADS = DWCP_MAX_IO_THREADS
 
 _STAT_FIELDS = ("bytes_payload", "bytes_wire", "chunks", "chunks_resent", "chunks_duplicate",
                 "checksum_errors", "streams_failed", "zc_sends", "zc_completions", "zc_copied",
-                "zc_fallback", "last_errno", "last_failed_stream", "truncated_at")
+                "zc_fallback", "last_errno", "last_failed_stream", "truncated_at", "control_frames",
+                "mt_transfers")
 
 
-cdef int _timeout_ms(object timeout_s) except -1:
+cdef int _timeout_ms(object timeout_s) except -2:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise ConfigError(f"timeout_s must be a number of seconds, got {type(timeout_s).__name__}")
     if not math.isfinite(timeout_s) or timeout_s <= 0 or timeout_s > 86400 * 24:
@@ -186,24 +233,30 @@ cdef int _timeout_ms(object timeout_s) except -1:
 
 
 cdef class StreamSet:
-    """The data streams of one session, driven by the C engine.
+    """The links of one session, driven by the C engine: data streams and, optionally, the control
+    connection (docs/protocol.md "Links": after the handshake any link may carry any frame).
 
-    ``fds`` are connected TCP sockets (ints); stream i carries frames with stream index i. The engine
-    makes them non-blocking and sets TCP_NODELAY; the fds stay yours: close them after close().
-    One transfer at a time per set, in either direction (late frames of the other direction are
-    dropped as stale); transfer ids must grow per direction. send/recv release the GIL for the whole
-    transfer."""
+    ``fds`` are connected TCP sockets (ints); stream i carries frames with stream index i.
+    ``control`` is the control connection's fd (its frames carry STREAM_CONTROL), or None.
+    ``io_threads``: threads a large transfer uses (0 = one per usable CPU, at most one per stream).
+    The engine makes the sockets non-blocking and sets TCP_NODELAY; the fds stay yours: close them
+    after close(). One call at a time per set, in either direction (late frames of the other
+    direction are dropped as stale); transfer ids must grow per direction. Every call releases the
+    GIL for its whole duration."""
 
     cdef dwcp_streams *_s
     cdef int _n
+    cdef bint _has_control
     cdef bint _busy
     cdef bint _close_pending
     cdef object _last_send_id
     cdef object _last_recv_id
+    cdef bytearray _ctl_buf
 
-    def __cinit__(self, fds):
+    def __cinit__(self, fds, *, control=None, io_threads=0):
         cdef int *arr = NULL
         cdef int i
+        cdef dwcp_set_opts opts
         self._s = NULL
         self._last_send_id = None
         self._last_recv_id = None
@@ -211,24 +264,32 @@ cdef class StreamSet:
         n = len(fds)
         if n < 1 or n > DWCP_MAX_STREAMS:
             raise ConfigError(f"a StreamSet needs 1..{DWCP_MAX_STREAMS} sockets, got {n}")
-        for fd in fds:
+        for fd in fds + ([] if control is None else [control]):
             if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
                 raise ConfigError(f"fds must be non-negative ints (use sock.fileno()), got {fd!r}")
-        if len(set(fds)) != n:
-            raise ConfigError("fds contains the same socket twice; pass each connection once")
+        if len(set(fds + ([] if control is None else [control]))) != n + (control is not None):
+            raise ConfigError("fds (and control) contain the same socket twice; pass each connection once")
+        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or \
+                not 0 <= io_threads <= DWCP_MAX_IO_THREADS:
+            raise ConfigError(f"io_threads must be an int 0..{DWCP_MAX_IO_THREADS} (0: one per usable "
+                              f"CPU), got {io_threads!r}")
+        opts.control_fd = -1 if control is None else control
+        opts.io_threads = io_threads
         arr = <int *>malloc(n * sizeof(int))
         if arr == NULL:
             raise MemoryError()
         try:
             for i in range(n):
                 arr[i] = fds[i]
-            self._s = dwcp_streams_new(arr, n)
+            self._s = dwcp_streams_new(arr, n, &opts)
         finally:
             free(arr)
         if self._s == NULL:
             raise ConfigError("could not create the stream set: every fd must be an open, connected "
-                              "socket (epoll refused one) — or memory ran out")
+                              "socket (epoll refused one) — or memory or threads ran out")
         self._n = n
+        self._has_control = control is not None
+        self._ctl_buf = bytearray(DWCP_MAX_CONTROL_BYTES)
 
     def __dealloc__(self):
         if self._s != NULL:
@@ -239,7 +300,7 @@ cdef class StreamSet:
         if self._s == NULL or self._close_pending:
             raise convert_error(DWCP_E_CLOSED, context=what)
         if self._busy:
-            raise TransportError(f"{what}: this StreamSet is already running a transfer in another "
+            raise TransportError(f"{what}: this StreamSet is already running a call in another "
                                  "thread; use one StreamSet per concurrent transfer")
         self._busy = True
         return 0
@@ -252,11 +313,19 @@ cdef class StreamSet:
 
     cdef object _error(self, int rc, str what):
         cdef dwcp_stats st
+        cdef uint8_t ftype = 0
+        cdef uint32_t flen = 0
         dwcp_streams_stats(self._s, &st)
         stream = None
-        if rc not in (DWCP_E_TIMEOUT, DWCP_E_CLOSED, DWCP_E_NOMEM, DWCP_E_INVAL) and st.streams_failed:
+        if rc not in (DWCP_E_TIMEOUT, DWCP_E_CLOSED, DWCP_E_NOMEM, DWCP_E_INVAL, DWCP_E_PEER_ABORT,
+                      DWCP_E_PEER_CLOSE) and st.streams_failed:
             stream = <int>st.last_failed_stream
-        return convert_error(rc, errno=<int>st.last_errno, stream=stream, context=what)
+        err = convert_error(rc, errno=<int>st.last_errno, stream=stream, context=what)
+        if rc == DWCP_E_PEER_ABORT:
+            buf = bytearray(DWCP_MAX_CONTROL_BYTES)
+            if dwcp_streams_stop_frame(self._s, &ftype, <uint8_t *>(<char *>buf), len(buf), &flen) == 0:
+                err.payload = bytes(buf[:flen])
+        return err
 
     cdef int _fill_opts(self, dwcp_xfer_opts *o, object transfer_id, object chunk_bytes,
                         object csum_flags, object timeout_s) except -1:
@@ -274,6 +343,9 @@ cdef class StreamSet:
         o.zerocopy = DWCP_ZC_OFF
         o.zc_min_bytes = 0
         o.deadline_ns = 0
+        o.begin = NULL
+        o.begin_len = 0
+        o.sink = 0
         return 0
 
     cdef int _check_length(self, dwcp_xfer_opts *o, object length, Py_ssize_t buf_len) except -1:
@@ -284,17 +356,23 @@ cdef class StreamSet:
                     f"length {o.length} exceeds the buffer ({buf_len} bytes): that is wrap mode, "
                     f"which needs a non-empty buffer whose size is a multiple of chunk_bytes "
                     f"({o.chunk_bytes})")
+        if (o.length + o.chunk_bytes - 1) // o.chunk_bytes > (<uint64_t>1 << 36):
+            raise ConfigError(f"length {o.length} is more than 2**36 chunks of {o.chunk_bytes} bytes; "
+                              "use a larger chunk size")
         return 0
 
     def send(self, buffer, *, transfer_id, chunk_bytes, csum_flags, length=None, frame_flags=0,
-             timeout_s=30.0, zerocopy=False, zc_min_bytes=0, deadline=None):
+             timeout_s=30.0, zerocopy=False, zc_min_bytes=0, deadline=None, begin=None):
         """Send buffer as transfer transfer_id; returns the logical length sent (smaller than length
         when deadline, a time.monotonic() value, cut it short). length > len(buffer) wraps around
-        the buffer (benchmarks). Blocks until every chunk is acknowledged."""
+        the buffer (benchmarks). ``begin``: the XFER_BEGIN payload announcing the transfer (bytes,
+        at most 64 KiB), sent ahead of each link's first frame of it. Blocks until every chunk is
+        acknowledged (or, with nothing to acknowledge, until the receiver's DONE)."""
         cdef dwcp_xfer_opts o
         cdef Py_buffer view
         cdef uint64_t out = 0
         cdef int rc
+        cdef const unsigned char[::1] bview
         self._fill_opts(&o, transfer_id, chunk_bytes, csum_flags, timeout_s)
         ff = _uint(frame_flags, "frame_flags", 0xFFFF)
         if ff & ~DWCP_FLAG_COMPRESSED:
@@ -308,6 +386,16 @@ cdef class StreamSet:
                     not math.isfinite(deadline):
                 raise ConfigError(f"deadline must be a time.monotonic() value, got {deadline!r}")
             o.deadline_ns = max(1, <int64_t>(deadline * 1e9))
+        if begin is not None:
+            if not isinstance(begin, bytes) or len(begin) > DWCP_MAX_CONTROL_BYTES:
+                raise ConfigError(f"begin must be bytes of at most {DWCP_MAX_CONTROL_BYTES} (an "
+                                  f"XFER_BEGIN payload), got {type(begin).__name__}")
+            bview = begin
+            o.begin_len = <uint32_t>len(begin)
+            if o.begin_len:
+                o.begin = &bview[0]
+            else:
+                o.begin = <const uint8_t *>b""
         _get_buffer(buffer, &view, False, "buffer")
         try:
             self._check_length(&o, view.len if length is None else length, view.len)
@@ -329,9 +417,13 @@ cdef class StreamSet:
             PyBuffer_Release(&view)
         return out
 
-    def recv_into(self, buffer, *, transfer_id, length, chunk_bytes, csum_flags, timeout_s=30.0):
+    def recv_into(self, buffer, *, transfer_id, length, chunk_bytes, csum_flags, timeout_s=30.0,
+                  sink=False):
         """Receive transfer transfer_id of length bytes into buffer (writable, C-contiguous); returns
-        the logical length received (smaller if the sender truncated at its deadline)."""
+        the logical length received (smaller if the sender truncated at its deadline).
+        ``sink=True`` (wrap mode only, for benchmarks): every chunk is received and verified, but each
+        I/O thread writes into its own share of the buffer, as iperf gives each stream its own
+        buffer; the buffer's contents are then not the transfer in order."""
         cdef dwcp_xfer_opts o
         cdef Py_buffer view
         cdef uint64_t out = 0
@@ -340,6 +432,11 @@ cdef class StreamSet:
         _get_buffer(buffer, &view, True, "buffer")
         try:
             self._check_length(&o, length, view.len)
+            if sink:
+                if o.length <= <uint64_t>view.len:
+                    raise ConfigError("sink=True is for wrap-mode (benchmark) receives, whose length "
+                                      "exceeds the buffer")
+                o.sink = 1
             self._enter("recv")
             try:
                 if self._last_recv_id is not None and o.transfer_id <= self._last_recv_id:
@@ -358,8 +455,62 @@ cdef class StreamSet:
             PyBuffer_Release(&view)
         return out
 
+    def next_control(self, timeout_s=None):
+        """The next control frame the peer sent on any link: (type, transfer_id, payload bytes).
+        Waits up to timeout_s (None: no limit) and raises TransferTimeout if none came (the set
+        stays usable); PeerClosedError once no link is left; SessionClosedError after interrupt()."""
+        cdef int tmo = -1
+        cdef int rc
+        cdef uint8_t ftype = 0
+        cdef uint64_t tid = 0
+        cdef uint32_t flen = 0
+        cdef unsigned char[::1] buf = self._ctl_buf
+        if timeout_s is not None:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or \
+                    not math.isfinite(timeout_s) or timeout_s < 0:
+                raise ConfigError(f"timeout_s must be None or a number of seconds >= 0, got {timeout_s!r}")
+            tmo = min(<int>math.ceil(timeout_s * 1000), 86400 * 24 * 1000)
+        self._enter("wait for a control frame")
+        try:
+            with nogil:
+                rc = dwcp_next_control(self._s, tmo, &ftype, &tid, &buf[0], <uint32_t>buf.shape[0], &flen)
+            if rc == DWCP_E_TIMEOUT:
+                raise TransferTimeout(f"no control frame arrived within {timeout_s:g} s")
+            if rc != 0:
+                raise self._error(rc, "wait for a control frame")
+        finally:
+            self._leave()
+        return (ftype, tid, bytes(self._ctl_buf[:flen]))
+
+    def send_control(self, int ftype, transfer_id=0, payload=b"", timeout_s=1.0):
+        """Send a control frame (ABORT or CLOSE) on every live link; returns on how many it went out
+        whole within timeout_s (0: none). Works after interrupt(), so a closing session can still
+        say why."""
+        cdef int rc
+        cdef uint64_t tid = _uint(transfer_id, "transfer_id", _U64_MAX)
+        cdef int tmo = _timeout_ms(timeout_s)
+        cdef const unsigned char[::1] pv
+        cdef const uint8_t *pp = NULL
+        cdef uint32_t plen
+        if not isinstance(payload, bytes) or len(payload) > DWCP_MAX_CONTROL_BYTES:
+            raise ConfigError(f"payload must be bytes of at most {DWCP_MAX_CONTROL_BYTES}")
+        plen = <uint32_t>len(payload)
+        if plen:
+            pv = payload
+            pp = &pv[0]
+        self._enter("send a control frame")
+        try:
+            with nogil:
+                rc = dwcp_send_control(self._s, <uint8_t>ftype, tid, pp, plen, tmo)
+            if rc < 0:
+                raise self._error(rc, "send a control frame")
+        finally:
+            self._leave()
+        return rc
+
     def stats(self):
-        """Cumulative counters (safe to call from another thread during a transfer)."""
+        """Cumulative counters, summed over the set's threads (safe to call from another thread
+        during a transfer)."""
         cdef dwcp_stats st
         self._check_open()
         dwcp_streams_stats(self._s, &st)
@@ -369,7 +520,8 @@ cdef class StreamSet:
                 "zc_sends": st.zc_sends, "zc_completions": st.zc_completions,
                 "zc_copied": st.zc_copied, "zc_fallback": st.zc_fallback,
                 "last_errno": st.last_errno, "last_failed_stream": st.last_failed_stream,
-                "truncated_at": st.truncated_at}
+                "truncated_at": st.truncated_at, "control_frames": st.control_frames,
+                "mt_transfers": st.mt_transfers}
 
     cdef int _check_open(self) except -1:
         if self._s == NULL:
@@ -382,27 +534,41 @@ cdef class StreamSet:
         return <int>i
 
     def alive(self):
-        """Per stream: still usable?"""
+        """Per data stream: still usable?"""
         self._check_open()
         return [bool(dwcp_streams_alive(self._s, i)) for i in range(self._n)]
 
     def alive_count(self):
+        """Usable data streams."""
         self._check_open()
         return dwcp_streams_alive_count(self._s)
 
+    def control_alive(self):
+        """Is the control connection still usable? (False when the set has none.)"""
+        self._check_open()
+        return bool(self._has_control and dwcp_streams_alive(self._s, self._n))
+
     def kill(self, i):
-        """Mark stream i dead and shut its socket down (a running transfer re-queues its chunks)."""
+        """Mark data stream i dead and shut its socket down (a running transfer re-queues its chunks)."""
         self._check_open()
         dwcp_streams_kill(self._s, self._index(i))
 
+    def kill_control(self):
+        """Mark the control connection dead and shut it down (the other links carry on)."""
+        self._check_open()
+        if not self._has_control:
+            raise ConfigError("this stream set has no control connection")
+        dwcp_streams_kill(self._s, self._n)
+
     def interrupt(self):
-        """Make the running (or the next) transfer stop with SessionClosedError. Thread-safe."""
+        """Make the running (or the next) transfer or next_control() stop with SessionClosedError.
+        Thread-safe."""
         if self._s != NULL:
             dwcp_streams_interrupt(self._s)
 
     def close(self):
-        """Free the engine state (not the fds). A transfer running in another thread is interrupted
-        and the state is freed when it returns."""
+        """Free the engine state and stop its threads (not the fds). A call running in another thread
+        is interrupted and the state is freed when it returns."""
         if self._s == NULL:
             return
         if self._busy:
@@ -414,7 +580,13 @@ cdef class StreamSet:
 
     @property
     def count(self):
+        """Data streams."""
         return self._n
+
+    @property
+    def io_threads(self):
+        """Threads a large transfer on this set uses (1: only the calling thread)."""
+        return dwcp_streams_io_threads(self._s) if self._s != NULL else 0
 
     @property
     def closed(self):

@@ -66,6 +66,15 @@ class SessionClosedError(TransportError):
     """The session was closed by this side; create a new one."""
 
 
+class TransferAborted(TransportError):
+    """The peer gave up the transfer and said so (an ABORT frame): its reason is in the message, and
+    ``payload`` holds the frame's raw payload. Not your fault; the session is closed afterwards."""
+
+    def __init__(self, message: str, *, payload: bytes = b"", stream: int | None = None) -> None:
+        super().__init__(message, stream=stream)
+        self.payload = payload
+
+
 class TransferTimeout(TransportError, TimeoutError):
     """No byte moved on any stream for the configured timeout; the peer may be hung or the link down."""
 
@@ -96,6 +105,8 @@ E_NOMEM = -14
 E_INVAL = -15
 E_PEER = -16
 E_CLOSED = -17
+E_PEER_ABORT = -18
+E_PEER_CLOSE = -19
 
 _PROTOCOL_MESSAGES = {
     E_MAGIC: "bad magic: the peer is not speaking DWCP (wrong port or protocol?)",
@@ -128,10 +139,15 @@ def convert_error(code: int, *, errno: int = 0, stream: int | None = None, conte
     if code == E_ALL_STREAMS:
         detail = f" (last error: {os.strerror(errno)})" if errno else ""
         return PeerClosedError(
-            where + f"every data stream died{detail}; the peer closed, crashed or the path is down",
+            where + f"every connection of the session died{detail}; the peer closed, crashed or the path "
+            "is down",
             errno=errno or None, stream=stream)
     if code == E_CLOSED:
         return SessionClosedError(where + "the session was closed locally", stream=stream)
+    if code == E_PEER_ABORT:
+        return TransferAborted(where + "the peer aborted the transfer", stream=stream)
+    if code == E_PEER_CLOSE:
+        return PeerClosedError(where + "the peer closed the session during the transfer", stream=stream)
     if code == E_SYSCALL:
         msg = os.strerror(errno) if errno else "system call failed"
         cls = PeerClosedError if errno in _PEER_GONE_ERRNOS else TransportError

@@ -87,8 +87,12 @@ def serve_session(session: Session) -> None:
                     session.send(json.dumps(report).encode())
                     moved, busy_s, cpu_s = 0, 0.0, 0.0
                 continue
-            size = max(info.chunk_bytes, (min(info.wrap_bytes or DEFAULT_BUFFER_BYTES, 256 << 20)
-                                          // info.chunk_bytes) * info.chunk_bytes)
+            # A benchmark transfer lands in the engine's "sink" layout: each I/O thread writes its
+            # own share of this buffer (like iperf's per-stream buffers), so it holds one chunk per
+            # thread at least; as large as the client's (up to 256 MiB) for cold-buffer runs.
+            size = max(info.chunk_bytes * session.io_threads,
+                       (min(info.wrap_bytes or DEFAULT_BUFFER_BYTES, 256 << 20) // info.chunk_bytes)
+                       * info.chunk_bytes)
             if buf is None or len(buf) != size:
                 buf = bytearray(size)
             cpu0, t0 = _cpu_s(), time.monotonic()

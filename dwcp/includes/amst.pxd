@@ -1,12 +1,19 @@
 # C declarations of csrc/include/dwcp/amst.h (the striped transfer engine).
-from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
 
 cdef extern from "dwcp/amst.h" nogil:
     enum:
         DWCP_MAX_STREAMS
+        DWCP_MAX_IO_THREADS
+        DWCP_STREAM_CONTROL
+        DWCP_MT_MIN_BYTES
         DWCP_ZC_OFF
         DWCP_ZC_ON
+
+    ctypedef struct dwcp_set_opts:
+        int control_fd
+        int io_threads
 
     ctypedef struct dwcp_streams:
         pass
@@ -21,6 +28,9 @@ cdef extern from "dwcp/amst.h" nogil:
         int zerocopy
         uint32_t zc_min_bytes
         int64_t deadline_ns
+        const uint8_t *begin
+        uint32_t begin_len
+        int sink
 
     ctypedef struct dwcp_stats:
         uint64_t bytes_payload
@@ -37,13 +47,17 @@ cdef extern from "dwcp/amst.h" nogil:
         uint64_t last_errno
         uint64_t last_failed_stream
         uint64_t truncated_at
+        uint64_t control_frames
+        uint64_t mt_transfers
 
     ctypedef struct dwcp_debug_counts:
         int64_t live_stream_sets
         int64_t zc_pending
         int64_t carry_buffers
+        int64_t io_threads
 
-    dwcp_streams *dwcp_streams_new(const int *fds, int n)
+    dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
+    int dwcp_streams_io_threads(const dwcp_streams *s)
     void dwcp_streams_free(dwcp_streams *s)
     int dwcp_streams_count(const dwcp_streams *s)
     int dwcp_streams_alive(const dwcp_streams *s, int i)
@@ -54,6 +68,13 @@ cdef extern from "dwcp/amst.h" nogil:
                            const dwcp_xfer_opts *opts, uint64_t *sent_length)
     int dwcp_recv_transfer(dwcp_streams *s, void *buf, uint64_t buf_len,
                            const dwcp_xfer_opts *opts, uint64_t *recv_length)
+    int dwcp_next_control(dwcp_streams *s, int timeout_ms, uint8_t *type, uint64_t *transfer_id,
+                          uint8_t *buf, uint32_t cap, uint32_t *len)
+    int dwcp_send_control(dwcp_streams *s, uint8_t type, uint64_t transfer_id, const uint8_t *payload,
+                          uint32_t len, int timeout_ms)
+    int dwcp_streams_stop_frame(const dwcp_streams *s, uint8_t *type, uint8_t *buf, uint32_t cap,
+                                uint32_t *len)
     void dwcp_streams_interrupt(dwcp_streams *s)
+    int dwcp_usable_cpus()
     int dwcp_zerocopy_supported()
     int dwcp_debug_counters(dwcp_debug_counts *out)

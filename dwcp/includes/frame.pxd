@@ -33,6 +33,8 @@ cdef extern from "dwcp/frame.h" nogil:
         DWCP_E_INVAL
         DWCP_E_PEER
         DWCP_E_CLOSED
+        DWCP_E_PEER_ABORT
+        DWCP_E_PEER_CLOSE
 
     ctypedef struct dwcp_frame:
         uint8_t version
@@ -51,3 +53,11 @@ cdef extern from "dwcp/frame.h" nogil:
     int dwcp_crc32c_hw()
     uint64_t dwcp_xxh3(const void *buf, size_t len)
     uint64_t dwcp_payload_checksum(uint16_t flags, const void *buf, size_t len)
+
+    ctypedef struct dwcp_csum:
+        pass
+    int dwcp_csum_init(dwcp_csum *c)
+    void dwcp_csum_free(dwcp_csum *c)
+    void dwcp_csum_reset(dwcp_csum *c, uint16_t flags)
+    void dwcp_csum_update(dwcp_csum *c, const void *buf, size_t len)
+    uint64_t dwcp_csum_digest(const dwcp_csum *c)

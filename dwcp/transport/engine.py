@@ -18,10 +18,16 @@ class StreamSetLike(Protocol):
 
     def send(self, buffer: Any, *, transfer_id: int, chunk_bytes: int, csum_flags: int,
              length: int | None = None, frame_flags: int = 0, timeout_s: float = 30.0,
-             zerocopy: bool = False, zc_min_bytes: int = 0, deadline: float | None = None) -> int: ...
+             zerocopy: bool = False, zc_min_bytes: int = 0, deadline: float | None = None,
+             begin: bytes | None = None) -> int: ...
 
     def recv_into(self, buffer: Any, *, transfer_id: int, length: int, chunk_bytes: int,
-                  csum_flags: int, timeout_s: float = 30.0) -> int: ...
+                  csum_flags: int, timeout_s: float = 30.0, sink: bool = False) -> int: ...
+
+    def next_control(self, timeout_s: float | None = None) -> tuple[int, int, bytes]: ...
+
+    def send_control(self, ftype: int, transfer_id: int = 0, payload: bytes = b"",
+                     timeout_s: float = 1.0) -> int: ...
 
     def stats(self) -> dict[str, int]: ...
 
@@ -29,17 +35,24 @@ class StreamSetLike(Protocol):
 
     def alive_count(self) -> int: ...
 
+    def control_alive(self) -> bool: ...
+
     def kill(self, i: int) -> None: ...
+
+    def kill_control(self) -> None: ...
 
     def interrupt(self) -> None: ...
 
     def close(self) -> None: ...
 
 
-def make_stream_set(socks: Sequence[socket.socket], *, backend: str, tls: bool) -> tuple[StreamSetLike, str]:
-    """(engine, name): the C engine unless TLS or the caller asks for the Python one."""
+def make_stream_set(socks: Sequence[socket.socket], *, control: socket.socket | None = None, backend: str,
+                    tls: bool, io_threads: int = 0) -> tuple[StreamSetLike, str]:
+    """(engine, name): the C engine unless TLS or the caller asks for the Python one. ``control`` joins
+    the session's control connection to the engine's links."""
     if tls or backend == "python":
         from dwcp.transport.pyengine import PyStreamSet
-        return PyStreamSet(list(socks)), "python"
+        return PyStreamSet(list(socks), control=control), "python"
     from dwcp._core import StreamSet
-    return StreamSet([s.fileno() for s in socks]), "c"
+    return StreamSet([s.fileno() for s in socks], control=None if control is None else control.fileno(),
+                     io_threads=io_threads), "c"

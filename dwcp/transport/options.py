@@ -71,6 +71,10 @@ class SessionOptions:
     zerocopy: "auto" (MSG_ZEROCOPY for non-loopback peers; the engine drops it by itself once the
     kernel reports it copied anyway), "on", or "off".
     max_recv_bytes: largest transfer recv() will allocate for (a peer cannot make us allocate more).
+    io_threads: threads the C engine drives a large transfer with (0: one per usable CPU, never more
+    than streams; 1: the calling thread only).
+    recv_pool_bytes: recv() results that nobody references any more are kept (up to this many bytes)
+    and reused, already faulted in, for the next large recv() (0: no pooling).
     """
 
     streams: int = 4
@@ -83,6 +87,8 @@ class SessionOptions:
     tls: ssl.SSLContext | None = None
     server_hostname: str | None = None
     max_recv_bytes: int = 64 << 30
+    io_threads: int = 0
+    recv_pool_bytes: int = 512 << 20
     backend: str = field(default_factory=lambda: os.environ.get("DWCP_BACKEND", "c"))
 
     def __post_init__(self) -> None:
@@ -102,3 +108,9 @@ class SessionOptions:
             raise ConfigError(f"backend (DWCP_BACKEND) must be 'c' or 'python', got {self.backend!r}")
         if self.max_recv_bytes < 0:
             raise ConfigError("max_recv_bytes must be >= 0")
+        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or \
+                not 0 <= self.io_threads <= 64:
+            raise ConfigError(f"io_threads must be an int 0..64 (0: one per usable CPU), got {self.io_threads!r}")
+        if isinstance(self.recv_pool_bytes, bool) or not isinstance(self.recv_pool_bytes, int) or \
+                self.recv_pool_bytes < 0:
+            raise ConfigError(f"recv_pool_bytes must be an int >= 0 (0: no pooling), got {self.recv_pool_bytes!r}")

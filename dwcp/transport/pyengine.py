@@ -65,9 +65,10 @@ from typing import TYPE_CHECKING
 from dwcp import errors
 from dwcp._buffers import byte_view
 from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
-                         TransferTimeout, TransportError)
-from dwcp.wire.frames import (HEADER_BYTES, MAX_CHUNK_BYTES, Flag, FrameType, Header, decode_header,
-                              encode_header, payload_checksum)
+                         TransferAborted, TransferTimeout, TransportError)
+from dwcp.wire.frames import (HEADER_BYTES, LINK_CONTROL_TYPES, MAX_CHUNK_BYTES, MAX_CONTROL_BYTES,
+                              STREAM_CONTROL, Flag, FrameType, Header, decode_header, encode_header,
+                              payload_checksum)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -100,7 +101,10 @@ _MAX_WAIT_S = 1.0
 
 _STAT_KEYS = ("bytes_payload", "bytes_wire", "chunks", "chunks_resent", "chunks_duplicate",
               "checksum_errors", "streams_failed", "zc_sends", "zc_completions", "zc_copied",
-              "zc_fallback", "last_errno", "last_failed_stream", "truncated_at")
+              "zc_fallback", "last_errno", "last_failed_stream", "truncated_at", "control_frames",
+              "mt_transfers")
+# Control frames a peer may have waiting for next_control(); more is a protocol error (as in C).
+_INBOX_MAX = 16
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -176,8 +180,10 @@ class _OutFrame:
 class _Stream:
     """One data connection and its frame-level state, which outlives a single transfer."""
 
-    def __init__(self, index: int, sock: socket.socket) -> None:
+    def __init__(self, index: int, sock: socket.socket, *, control: bool = False) -> None:
         self.index = index
+        self.is_control = control
+        self.wire = STREAM_CONTROL if control else index   # the stream index its frames carry
         self.sock = sock
         self.ssl_sock = sock if isinstance(sock, ssl.SSLSocket) else None
         self.alive = True
@@ -192,6 +198,9 @@ class _Stream:
         self.rx_target: memoryview | None = None  # None: payload goes to scratch and is dropped
         self.rx_chunk = -1                        # chunk being written into the destination, or -1
         self.rx_ack_after_discard = False         # duplicate of a verified chunk: ACK it again
+        self.rx_done_reply = False                # late chunk of the last transfer received: DONE again
+        self.rx_ctl: bytearray | None = None      # payload of a control frame being read
+        self.begun_tid = -1                       # XFER_BEGIN of this transfer queued on this link
         # A header of a later transfer read before its recv call: reading pauses until it can be
         # dispatched (the payload that follows must go to a destination we do not have yet).
         self.parked: Header | None = None
@@ -209,9 +218,11 @@ class _Stream:
             self.rx_target = None
         self.rx_chunk = -1
         self.rx_ack_after_discard = False
+        self.rx_ctl = None
 
     def reset_reader(self) -> None:
         self.discard_rest()
+        self.rx_done_reply = False
         self.hpos = 0
         self.rx_header = None
         self.rx_remaining = 0
@@ -296,9 +307,10 @@ class _Transfer(abc.ABC):
     def header(self, st: _Stream, type: int, offset: int) -> _OutFrame:
         """A header-only frame of this transfer for stream st. Flags 0, as the C engine writes them:
         there is no payload to checksum, and the header has its own CRC."""
-        return _OutFrame(encode_header(Header(type=type, flags=0, stream=st.index,
-                                              transfer_id=self.transfer_id, offset=offset)),
-                         type=type, transfer_id=self.transfer_id)
+        return _small_frame(st, type, self.transfer_id, offset)
+
+    #: A call that moves data (stops on the peer's ABORT/CLOSE), as opposed to waiting for control.
+    moves_data = True
 
 
 class _ChunkMap:
@@ -335,10 +347,19 @@ def _chunk_count(length: int, chunk_bytes: int) -> int:
 class _Layout:
     """Where logical byte offsets of a transfer live in the caller's buffer (with wrapping)."""
 
-    def __init__(self, view: memoryview, length: int, chunk_bytes: int) -> None:
+    def __init__(self, view: memoryview, length: int, chunk_bytes: int, *, sink: bool = False) -> None:
         self.view = view
         self.length = length
         self.chunk_bytes = chunk_bytes
+        self.sink = sink
+
+    def place(self, k: int, size: int, stream: int) -> memoryview:
+        """Where chunk k received on stream lands: at its offset, or (sink) in the stream's own slot
+        of the buffer, which only its loop visits write (dwcp_xfer_opts.sink in amst.h)."""
+        if not self.sink:
+            return self.chunk_view(k, size)
+        slot = stream % (len(self.view) // self.chunk_bytes)
+        return self.view[slot * self.chunk_bytes:slot * self.chunk_bytes + size]
 
     def chunk_size(self, k: int) -> int:
         return min(self.chunk_bytes, self.length - k * self.chunk_bytes)
@@ -352,8 +373,10 @@ class _SendTransfer(_Transfer):
     """Sender rules of docs/protocol.md "Transfers"."""
 
     def __init__(self, owner: PyStreamSet, layout: _Layout, *, transfer_id: int, csum_flags: int,
-                 frame_flags: int, deadline: float | None) -> None:
+                 frame_flags: int, deadline: float | None, begin: bytes | None = None) -> None:
         self.owner = owner
+        self.begin = begin
+        self.begin_acked = False                  # a frame of this transfer came back
         self.layout = layout
         self.transfer_id = transfer_id
         self.csum_flags = csum_flags
@@ -370,15 +393,42 @@ class _SendTransfer(_Transfer):
         self.done_received = False
         self.stop_new = False                     # deadline passed: no new chunk may start
 
+    # -- the announcement ------------------------------------------------------------------------
+    def ensure_begun(self, st: _Stream) -> None:
+        """XFER_BEGIN goes ahead of a link's first frame of the transfer, so the receiver never meets
+        data it cannot place yet ahead of the announcement on the same link (docs/protocol.md)."""
+        if self.begin is None or st.begun_tid == self.transfer_id:
+            return
+        st.out.append(_OutFrame(_control_frame(st, FrameType.XFER_BEGIN, self.transfer_id, self.begin),
+                                type=FrameType.XFER_BEGIN, transfer_id=self.transfer_id))
+        st.begun_tid = self.transfer_id
+
+    def _begin_only_needed(self) -> bool:
+        return (self.begin is not None and not self.begin_acked
+                and not any(s.begun_tid == self.transfer_id for s in self.owner._live()))
+
+    def _may_carry(self, st: _Stream) -> bool:
+        # The control connection carries chunks only when no data stream is left.
+        return not st.is_control or not any(s.alive and not s.is_control for s in self.owner._streams)
+
     # -- pulling chunks --------------------------------------------------------------------------
     def can_pull(self, st: _Stream) -> bool:
-        if self.done_received:
+        if self.done_received or not self._may_carry(st):
             return False
-        return bool(self.requeue) or (not self.stop_new and self.next_fresh < self.total)
+        return (bool(self.requeue) or (not self.stop_new and self.next_fresh < self.total)
+                or self._begin_only_needed())
 
     def pull(self, st: _Stream) -> _OutFrame | None:
-        if self.done_received:
+        if self.done_received or not self._may_carry(st):
             return None
+        frame = self._pull_chunk(st)
+        if frame is not None:
+            self.ensure_begun(st)
+        elif self._begin_only_needed():
+            self.ensure_begun(st)   # nothing to carry the announcement: it goes alone
+        return frame
+
+    def _pull_chunk(self, st: _Stream) -> _OutFrame | None:
         while self.requeue:
             k = self.requeue.popleft()
             self.queued.discard(k)
@@ -428,7 +478,10 @@ class _SendTransfer(_Transfer):
         if h.type in _RX_TYPES and h.transfer_id <= owner._last_recv_id:
             # Leftovers of a transfer this set received earlier (one set used in both directions,
             # as Session does): stale, drop them.
-            owner._discard(st, h)
+            owner._discard_stale(st, h)
+            return
+        if h.type in _RX_TYPES:
+            st.parked = h   # the peer's next transfer towards us: keep it for that receive call
             return
         if h.type not in _TX_TYPES:
             raise _violation(f"frame type {h.type} is not legal on a data stream of a sender",
@@ -438,6 +491,7 @@ class _SendTransfer(_Transfer):
         if h.transfer_id > self.transfer_id:
             raise _violation(f"{FrameType(h.type).name} for transfer {h.transfer_id}, but transfer "
                              f"{self.transfer_id} is the newest one sent", errors.E_PEER, st.index)
+        self.begin_acked = True
         if h.type == FrameType.DONE:
             self._all_done()
             return
@@ -493,12 +547,15 @@ class _SendTransfer(_Transfer):
             self.total = self.next_fresh
             self.owner._stats["truncated_at"] = started
             for s in self.owner._live():
+                self.ensure_begun(s)
                 s.out.append(self.header(s, FrameType.TRUNCATE, started))
         return None
 
     def complete(self) -> bool:
         if not self.done_received and self.acked.below < self.total:
             return False
+        if self.begin is not None and self.total == 0 and not self.done_received:
+            return False   # nothing to acknowledge: DONE says the announcement arrived
         # A TRUNCATE still queued must reach the peer, or it would wait for chunks never sent.
         return not any(f.type == FrameType.TRUNCATE and f.transfer_id == self.transfer_id
                        for s in self.owner._live() for f in s.out)
@@ -534,7 +591,7 @@ class _RecvTransfer(_Transfer):
             raise _violation(f"frame type {h.type} is not legal on a data stream of a receiver",
                              errors.E_TYPE, st.index)
         if h.transfer_id < self.transfer_id:
-            owner._discard(st, h)   # stale duplicate of an earlier transfer
+            owner._discard_stale(st, h)   # stale duplicate of an earlier transfer
             if h.type == FrameType.DATA:
                 owner._stat("chunks_duplicate")
             return
@@ -585,7 +642,7 @@ class _RecvTransfer(_Transfer):
         self.touched = max(self.touched, k + 1)
         st.rx_header = h
         st.rx_remaining = h.length
-        st.rx_target = self.layout.chunk_view(k, size)
+        st.rx_target = self.layout.place(k, size, st.index)
         st.rx_chunk = k
 
     def on_payload(self, st: _Stream) -> None:
@@ -640,6 +697,60 @@ class _RecvTransfer(_Transfer):
         return f"{self.verified.count()}/{self.total} chunks verified"
 
 
+class _Idle(_Transfer):
+    """No transfer: next_control() waiting for the peer's next control frame, or send_control()
+    pushing one out. Late frames of earlier transfers are drained; data of a transfer that was
+    announced parks its link until that transfer's receive call."""
+
+    transfer_id = 0
+    csum_flags = 0
+    moves_data = False
+
+    def __init__(self, owner: PyStreamSet, *, want_inbox: bool) -> None:
+        self.owner = owner
+        self.want_inbox = want_inbox
+
+    def on_header(self, st: _Stream, h: Header) -> None:
+        owner = self.owner
+        if h.type in _RX_TYPES:
+            if h.transfer_id <= owner._last_recv_id:
+                owner._discard_stale(st, h)
+            elif h.transfer_id > owner._last_begin_id:
+                # A correct peer puts XFER_BEGIN ahead of a transfer's data on every link, so waiting
+                # for this transfer's announcement would wait forever.
+                raise _violation(f"{FrameType(h.type).name} of transfer {h.transfer_id}, which was never "
+                                 "announced on this link", errors.E_PEER, st.index)
+            else:
+                st.parked = h
+            return
+        if h.type in _TX_TYPES and h.transfer_id <= owner._last_send_id:
+            return   # ACK/DONE of an earlier send, read after that call returned
+        raise _violation(f"frame type {h.type} is not legal on a link between transfers",
+                         errors.E_TYPE, st.index)
+
+    def complete(self) -> bool:
+        if self.want_inbox:
+            return bool(self.owner._inbox)
+        return not any(s.out for s in self.owner._live())
+
+    def progress(self) -> str:
+        return "waiting for a control frame" if self.want_inbox else "sending a control frame"
+
+
+def _small_frame(st: _Stream, type: int, transfer_id: int, offset: int) -> _OutFrame:
+    """A header-only frame (ACK/NACK/DONE/TRUNCATE) for link st: flags and checksum 0."""
+    return _OutFrame(encode_header(Header(type=type, flags=0, stream=st.wire, transfer_id=transfer_id,
+                                          offset=offset)), type=type, transfer_id=transfer_id)
+
+
+def _control_frame(st: _Stream, type: int, transfer_id: int, payload: bytes) -> bytes:
+    """A control frame (XFER_BEGIN/ABORT/CLOSE) for link st, its payload CRC32C-checksummed."""
+    flags = int(Flag.CSUM_CRC32C) if payload else 0
+    return encode_header(Header(type=type, flags=flags, stream=st.wire, length=len(payload),
+                                transfer_id=transfer_id,
+                                checksum=payload_checksum(flags, payload) if payload else 0)) + payload
+
+
 class PyStreamSet:
     """The data streams of one session, driven by the pure-Python engine.
 
@@ -651,16 +762,23 @@ class PyStreamSet:
     ``stats()``, ``alive()``, ``kill()``, ``interrupt()`` and ``close()`` may be called from other
     threads while a transfer runs."""
 
-    def __init__(self, socks: Sequence[socket.socket]) -> None:
+    def __init__(self, socks: Sequence[socket.socket], *, control: socket.socket | None = None) -> None:
         if not 1 <= len(socks) <= MAX_STREAMS:
             raise ConfigError(f"a stream set needs 1 to {MAX_STREAMS} sockets, got {len(socks)}")
-        fds = [s.fileno() for s in socks]
+        fds = [s.fileno() for s in [*socks, *([control] if control is not None else [])]]
         if min(fds) < 0:
             raise ConfigError("a socket passed to PyStreamSet is closed; pass connected sockets")
         if len(set(fds)) != len(fds):
-            raise ConfigError("socks contains the same socket twice; pass each connection once")
+            raise ConfigError("socks (and control) contain the same socket twice; pass each connection once")
         self.count: int = len(socks)
+        self.io_threads = 1
         self._streams = [_Stream(i, s) for i, s in enumerate(socks)]
+        if control is not None:
+            self._streams.append(_Stream(len(socks), control, control=True))
+        self._inbox: deque[tuple[int, int, bytes]] = deque()   # control frames for next_control()
+        self._last_begin_id = -1
+        self._done_recv: tuple[int, int] | None = None         # (id, length) of the last receive done
+        self._stop: tuple[int, bytes] | None = None             # ABORT/CLOSE that stops this call
         self._stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
         self._lock = threading.Lock()         # guards _running, _closed, _interrupted, kills
         self._running = False
@@ -688,11 +806,13 @@ class PyStreamSet:
     # ---- public API --------------------------------------------------------------------------------
     def send(self, buffer: Buffer, *, transfer_id: int, chunk_bytes: int, csum_flags: int,
              length: int | None = None, frame_flags: int = 0, timeout_s: float = 30.0,
-             zerocopy: bool = False, zc_min_bytes: int = 0, deadline: float | None = None) -> int:
+             zerocopy: bool = False, zc_min_bytes: int = 0, deadline: float | None = None,
+             begin: bytes | None = None) -> int:
         """Send ``buffer`` (or its first ``length`` bytes; more than its size wraps around it) as
         transfer ``transfer_id``. Returns the logical length sent (shorter after ``deadline``, a
         ``time.monotonic()`` instant) once every chunk is acknowledged or the receiver said DONE;
-        the buffer is no longer referenced then. ``zerocopy``/``zc_min_bytes`` are ignored (see the
+        the buffer is no longer referenced then. ``begin``: the XFER_BEGIN payload, sent ahead of
+        each link's first frame of the transfer. ``zerocopy``/``zc_min_bytes`` are ignored (see the
         module docstring)."""
         del zerocopy, zc_min_bytes
         view = byte_view(buffer)
@@ -708,6 +828,9 @@ class PyStreamSet:
             if frame_flags & ~int(Flag.COMPRESSED):
                 raise ConfigError(f"frame_flags 0x{frame_flags:x}: only COMPRESSED (0x4) may be added to "
                                   "DATA frames; the checksum is chosen by csum_flags")
+            if begin is not None and (not isinstance(begin, bytes) or len(begin) > MAX_CONTROL_BYTES):
+                raise ConfigError(f"begin must be bytes of at most {MAX_CONTROL_BYTES} (an XFER_BEGIN "
+                                  f"payload), got {type(begin).__name__}")
             layout = _Layout(view, length, chunk_bytes)
             with self._call():
                 if transfer_id <= self._last_send_id:
@@ -716,7 +839,7 @@ class PyStreamSet:
                                       "be taken for this transfer's")
                 self._last_send_id = transfer_id
                 xfer = _SendTransfer(self, layout, transfer_id=transfer_id, csum_flags=csum_flags,
-                                     frame_flags=frame_flags, deadline=deadline)
+                                     frame_flags=frame_flags, deadline=deadline, begin=begin)
                 try:
                     self._run(xfer, timeout_s)
                 finally:
@@ -726,15 +849,19 @@ class PyStreamSet:
             view.release()
 
     def recv_into(self, buffer: Buffer, *, transfer_id: int, length: int, chunk_bytes: int,
-                  csum_flags: int, timeout_s: float = 30.0) -> int:
+                  csum_flags: int, timeout_s: float = 30.0, sink: bool = False) -> int:
         """Receive transfer ``transfer_id`` of ``length`` bytes into ``buffer`` (wrapping around it when
         ``length`` exceeds its size). Returns the logical length received (shorter if the sender
-        truncated) once every chunk is verified and DONE went out on every live stream."""
+        truncated) once every chunk is verified and DONE went out on every live link. ``sink``
+        (wrap mode, benchmarks): each stream lands its chunks in its own slot of the buffer."""
         view = byte_view(buffer, writable=True, what="recv_into() buffer")
         try:
             _check_common(view, transfer_id=transfer_id, length=length, chunk_bytes=chunk_bytes,
                           csum_flags=csum_flags, timeout_s=timeout_s)
-            layout = _Layout(view, length, chunk_bytes)
+            if sink and length <= len(view):
+                raise ConfigError("sink=True is for wrap-mode (benchmark) receives, whose length exceeds "
+                                  "the buffer")
+            layout = _Layout(view, length, chunk_bytes, sink=sink)
             with self._call():
                 if transfer_id <= self._last_recv_id:
                     raise ConfigError(f"transfer id {transfer_id} is not above the last one received "
@@ -746,10 +873,52 @@ class PyStreamSet:
                     self._run(xfer, timeout_s)
                 finally:
                     for st in self._streams:
-                        st.discard_rest()  # a failed call leaves no view of the caller's buffer
+                        if st.rx_target is not None:
+                            st.discard_rest()  # a failed call leaves no view of the caller's buffer
+                self._done_recv = (transfer_id, xfer.length)
                 return xfer.length
         finally:
             view.release()
+
+    def next_control(self, timeout_s: float | None = None) -> tuple[int, int, bytes]:
+        """The next control frame (XFER_BEGIN, ABORT, CLOSE) the peer sent on any link:
+        (type, transfer_id, payload). Waits up to ``timeout_s`` (None: no limit); TransferTimeout
+        if none came (the set stays usable)."""
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not math.isfinite(timeout_s) or timeout_s < 0):
+            raise ConfigError(f"timeout_s must be None or a number of seconds >= 0, got {timeout_s!r}")
+        with self._call():
+            if not self._inbox:
+                deadline = None if timeout_s is None else time.monotonic() + timeout_s
+                try:
+                    self._run(_Idle(self, want_inbox=True), None, deadline=deadline)
+                except TransferTimeout:
+                    raise TransferTimeout(f"no control frame arrived within {timeout_s:g} s") from None
+            return self._inbox.popleft()
+
+    def send_control(self, ftype: int, transfer_id: int = 0, payload: bytes = b"",
+                     timeout_s: float = 1.0) -> int:
+        """Send a control frame (ABORT or CLOSE) on every live link, behind any frame already on its
+        way; returns on how many links it went out whole within ``timeout_s``."""
+        if ftype not in (FrameType.ABORT, FrameType.CLOSE) or not isinstance(payload, bytes) \
+                or len(payload) > MAX_CONTROL_BYTES or (ftype == FrameType.CLOSE and (payload or transfer_id)):
+            raise ConfigError(f"send_control sends ABORT (with a payload) or CLOSE (empty), got type "
+                              f"{ftype} with {len(payload)} payload bytes")
+        with self._call():
+            frames = []
+            for st in self._live():
+                if st.kill_requested:
+                    continue
+                f = _OutFrame(_control_frame(st, ftype, transfer_id, payload), type=ftype,
+                              transfer_id=transfer_id)
+                st.out.append(f)
+                frames.append((st, f))
+            try:
+                self._run(_Idle(self, want_inbox=False), None, deadline=time.monotonic() + timeout_s,
+                          honor_interrupt=False)
+            except (TransferTimeout, PeerClosedError, ProtocolError):
+                pass
+            return sum(1 for st, f in frames if st.alive and f.done)
 
     def stats(self) -> dict[str, int]:
         """Counters over the set's life (same keys as the C engine's ``dwcp_stats``)."""
@@ -761,17 +930,31 @@ class PyStreamSet:
         return self._closed
 
     def alive(self) -> list[bool]:
-        return [st.alive and not st.kill_requested for st in self._streams]
+        """Per data stream: still usable?"""
+        return [st.alive and not st.kill_requested for st in self._streams[:self.count]]
 
     def alive_count(self) -> int:
         return sum(self.alive())
+
+    def control_alive(self) -> bool:
+        """Is the control connection still usable? (False when the set has none.)"""
+        return len(self._streams) > self.count and self._streams[-1].alive and \
+            not self._streams[-1].kill_requested
+
+    def kill_control(self) -> None:
+        """Mark the control connection dead and shut it down (the other links carry on)."""
+        if len(self._streams) == self.count:
+            raise ConfigError("this stream set has no control connection")
+        self._kill_link(self._streams[-1])
 
     def kill(self, i: int) -> None:
         """Mark stream i dead and shut its socket down (the peer sees EOF and re-routes its chunks)."""
         if not 0 <= i < self.count:
             raise ConfigError(f"stream index {i} out of range 0..{self.count - 1}")
+        self._kill_link(self._streams[i])
+
+    def _kill_link(self, st: _Stream) -> None:
         with self._lock:
-            st = self._streams[i]
             if not st.alive or st.kill_requested:
                 return
             st.kill_requested = True
@@ -842,6 +1025,8 @@ class PyStreamSet:
             st.outstanding.clear()
             kept: deque[_OutFrame] = deque()
             for f in st.out:
+                if f.type == FrameType.XFER_BEGIN and not f.started:
+                    continue   # an announcement of a transfer that is over
                 if f.borrowed:
                     if not f.started:
                         assert f.payload is not None
@@ -858,8 +1043,12 @@ class PyStreamSet:
     def _stat(self, key: str, n: int = 1) -> None:
         self._stats[key] += n
 
-    def _run(self, xfer: _Transfer, timeout_s: float) -> None:
+    def _run(self, xfer: _Transfer, timeout_s: float | None, *, deadline: float | None = None,
+             honor_interrupt: bool = True) -> None:
+        """The loop of one call. timeout_s: no byte moved for this long is a TransferTimeout (None:
+        no such limit); deadline: a time.monotonic() instant by which the call must be complete."""
         last_progress = time.monotonic()
+        self._stop = None
         # Headers of this transfer read during an earlier call: dispatch them first.
         for st in self._live():
             if st.parked is not None:
@@ -869,7 +1058,13 @@ class PyStreamSet:
                 except _StreamDied as e:
                     self._die(st, xfer, e)
         while True:
-            self._check_interrupt(xfer)
+            if honor_interrupt:
+                self._check_interrupt(xfer)
+            if self._stop is not None:
+                ftype, payload = self._stop
+                if ftype == FrameType.ABORT:
+                    raise TransferAborted("the peer aborted the transfer", payload=payload)
+                raise PeerClosedError("the peer closed the session during the transfer")
             self._reap_kills(xfer)
             if xfer.complete():
                 return
@@ -878,14 +1073,19 @@ class PyStreamSet:
                 self._all_dead(xfer)
             now = time.monotonic()
             wake_at = xfer.tick(now)
-            if now - last_progress >= timeout_s:
+            if deadline is not None:
+                if now >= deadline:
+                    raise TransferTimeout(f"{xfer.progress()}: not done within the time allowed",
+                                          errno=_errno.ETIMEDOUT)
+                wake_at = deadline if wake_at is None else min(wake_at, deadline)
+            if timeout_s is not None and now - last_progress >= timeout_s:
                 raise TransferTimeout(
                     f"no byte moved on any of {len(live)} live stream(s) for {timeout_s:g} s (transfer "
                     f"{xfer.transfer_id}: {xfer.progress()}); is the peer alive and calling the "
                     "matching send/recv?", errno=_errno.ETIMEDOUT)
             self._update_interest(live, xfer)
             ready_now = [st for st in live if st.rx_pending()]
-            wait = last_progress + timeout_s - now
+            wait = _MAX_WAIT_S if timeout_s is None else last_progress + timeout_s - now
             if wake_at is not None:
                 wait = min(wait, wake_at - now)
             wait = 0.0 if ready_now else max(0.0, min(wait, _MAX_WAIT_S))
@@ -951,12 +1151,15 @@ class PyStreamSet:
         if proto is not None:
             # As the C engine: when a peer's protocol violation is among the reasons the transfer
             # has no stream left, that is the error to report (it says whose fault it was).
-            raise ProtocolError(f"every data stream died; {proto}", code=proto.code, stream=proto.stream)
+            raise ProtocolError(f"every connection of the session died; {proto}", code=proto.code,
+                                stream=proto.stream)
         last = self._stats["last_errno"]
         cause = f" (last: {self._last_error})" if self._last_error else ""
+        where = f"transfer {xfer.transfer_id} stopped at {xfer.progress()}" if xfer.moves_data \
+            else xfer.progress()
         raise PeerClosedError(
-            f"every data stream died{cause}; transfer {xfer.transfer_id} stopped at {xfer.progress()}: "
-            "the peer closed, crashed or the path is down", errno=last or None)
+            f"every connection of the session died{cause}; {where}: the peer closed, crashed or the "
+            "path is down", errno=last or None)
 
     def _die(self, st: _Stream, xfer: _Transfer, why: _StreamDied) -> None:
         if isinstance(why.error, ProtocolError):
@@ -1000,12 +1203,19 @@ class PyStreamSet:
                     st.hpos += n
                     if st.hpos == HEADER_BYTES:
                         st.hpos = 0
-                        xfer.on_header(st, self._decode(st))
+                        h = self._decode(st)
+                        if h.type in LINK_CONTROL_TYPES:
+                            self._control_header(st, h, xfer)
+                        else:
+                            xfer.on_header(st, h)
                         if xfer.complete():
                             break
                     continue
                 if st.rx_remaining:
-                    if st.rx_target is not None:
+                    if st.rx_ctl is not None:
+                        pos = len(st.rx_ctl) - st.rx_remaining
+                        n = st.sock.recv_into(memoryview(st.rx_ctl)[pos:], st.rx_remaining)
+                    elif st.rx_target is not None:
                         pos = len(st.rx_target) - st.rx_remaining
                         n = st.sock.recv_into(st.rx_target[pos:], st.rx_remaining)
                     else:
@@ -1016,7 +1226,13 @@ class PyStreamSet:
                     st.rx_remaining -= n
                 if not st.rx_remaining:
                     try:
-                        xfer.on_payload(st)
+                        if st.rx_ctl is not None:
+                            self._control_payload(st, xfer)
+                        else:
+                            if st.rx_done_reply and st.rx_target is None:
+                                st.rx_done_reply = False
+                                self._reply_done(st)
+                            xfer.on_payload(st)
                     finally:
                         st.discard_rest()
                         st.rx_header = None
@@ -1036,8 +1252,8 @@ class PyStreamSet:
             h = decode_header(st.hbuf, MAX_CHUNK_BYTES)
         except ProtocolError as e:
             raise _violation(str(e), e.code or errors.E_PEER, st.index) from e
-        if h.stream != st.index:
-            raise _violation(f"frame carries stream index {h.stream} on stream {st.index}",
+        if h.stream != st.wire:
+            raise _violation(f"frame carries stream index {h.stream} on stream {st.wire}",
                              errors.E_STREAM, st.index)
         if h.type in _NO_PAYLOAD_TYPES and h.length:
             raise _violation(f"{FrameType(h.type).name} frame with a {h.length}-byte payload",
@@ -1049,6 +1265,70 @@ class PyStreamSet:
         st.discard_rest()
         st.rx_header = h
         st.rx_remaining = h.length
+
+    def _discard_stale(self, st: _Stream, h: Header) -> None:
+        """A DATA/TRUNCATE of a transfer this set received earlier: drop it, and if it belongs to the
+        last transfer received, answer DONE again (the sender re-sends only when it lost our DONE)."""
+        reply = self._done_recv is not None and h.transfer_id == self._done_recv[0]
+        if h.length:
+            self._discard(st, h)
+            st.rx_done_reply = reply
+        elif reply:
+            self._reply_done(st)
+
+    def _reply_done(self, st: _Stream) -> None:
+        if self._done_recv is not None:
+            st.out.append(_small_frame(st, FrameType.DONE, *self._done_recv))
+
+    # ---- control frames on any link ----------------------------------------------------------------
+    def _control_header(self, st: _Stream, h: Header, xfer: _Transfer) -> None:
+        if h.length > MAX_CONTROL_BYTES or (h.type == FrameType.CLOSE and h.length):
+            raise _violation(f"{FrameType(h.type).name} frame with a {h.length}-byte payload",
+                             errors.E_LENGTH, st.index)
+        if (h.flags != int(Flag.CSUM_CRC32C)) if h.length else h.flags:
+            raise _violation(f"{FrameType(h.type).name} frame with flags 0x{h.flags:x}", errors.E_FLAGS,
+                             st.index)
+        if h.offset or (h.type == FrameType.CLOSE and h.transfer_id):
+            raise _violation(f"{FrameType(h.type).name} frame with offset/transfer id set",
+                             errors.E_RANGE, st.index)
+        if not h.length:
+            self._control_done(st, h, b"", xfer)
+            return
+        st.discard_rest()
+        st.rx_header = h
+        st.rx_remaining = h.length
+        st.rx_ctl = bytearray(h.length)
+
+    def _control_payload(self, st: _Stream, xfer: _Transfer) -> None:
+        h = st.rx_header
+        assert h is not None and st.rx_ctl is not None
+        payload = bytes(st.rx_ctl)
+        if payload_checksum(int(Flag.CSUM_CRC32C), payload) != h.checksum:
+            raise _violation(f"{FrameType(h.type).name} payload checksum mismatch", errors.E_CHECKSUM,
+                             st.index)
+        self._control_done(st, h, payload, xfer)
+
+    def _control_done(self, st: _Stream, h: Header, payload: bytes, xfer: _Transfer) -> None:
+        if h.type == FrameType.XFER_BEGIN:
+            if h.transfer_id <= self._last_begin_id:
+                # The same announcement on another link, or a re-announcement by a sender that lost
+                # our DONE: answer that with DONE again.
+                if self._done_recv is not None and h.transfer_id == self._done_recv[0]:
+                    self._reply_done(st)
+                return
+            self._last_begin_id = h.transfer_id
+        elif xfer.moves_data and not xfer.complete():
+            # A peer that closes right after its receive completed wrote DONE ahead of CLOSE on this
+            # very link, so a complete transfer lets the frame wait in the inbox for the next call.
+            self._stat("control_frames")
+            if self._stop is None:
+                self._stop = (h.type, payload)   # ABORT or CLOSE stops this call
+            return
+        if len(self._inbox) >= _INBOX_MAX:
+            raise _violation("the peer sent more control frames than it may have outstanding",
+                             errors.E_PEER, st.index)
+        self._stat("control_frames")
+        self._inbox.append((h.type, h.transfer_id, payload))
 
     # ---- writing -----------------------------------------------------------------------------------
     def _write(self, st: _Stream, xfer: _Transfer) -> int:

@@ -1,12 +1,14 @@
 """Session: one control connection plus N data streams, moving whole buffers and files.
 
-A session carries one transfer at a time; either side may send, the other must be receiving. The
-control connection announces each transfer (XFER_BEGIN) and carries ABORT/CLOSE; the engine moves
-the bytes on the data streams. While a transfer runs, a watcher thread reads the control connection,
-so an ABORT or CLOSE from the peer stops the engine at once instead of after the timeout.
+A session carries one transfer at a time; either side may send, the other must be receiving. After the
+handshake every connection is a *link* of the engine (docs/protocol.md "Links"): XFER_BEGIN travels
+ahead of the data on each link that carries some, ABORT and CLOSE go out on every link, and the engine
+watches all of them in its own event loop, so an ABORT or CLOSE from the peer stops a transfer at once
+and no thread or timer sits between the caller and the wire. The session survives losing any
+connection, the control one included, while one is left.
 
-A failed transfer leaves the data streams in an unknown state (a frame may be half written), so any
-transfer error closes the session; open a new one to retry.
+A failed transfer leaves the links in an unknown state (a frame may be half written), so any transfer
+error closes the session; open a new one to retry.
 """
 
 from __future__ import annotations
@@ -14,33 +16,30 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import select
-import socket
 import ssl
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from dwcp._buffers import byte_view
 from dwcp.errors import (ConfigError, DWCPError, PeerClosedError, ProtocolError, SessionClosedError,
-                         TransferTimeout, TransportError)
+                         TransferAborted, TransferTimeout, TransportError)
 from dwcp.telemetry.tcp_info import tcp_info
 from dwcp.transport.engine import make_stream_set
 from dwcp.transport.options import SessionOptions, is_loopback
+from dwcp.transport.recvpool import RecvPool
 from dwcp.wire import messages
-from dwcp.wire.frames import MAX_CONTROL_BYTES, Flag, FrameType, Header, encode_frame
+from dwcp.wire.frames import Flag, FrameType
 from dwcp.wire.handshake import SessionParams
-from dwcp.wire.io import read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
-_CONTROL_POLL_S = 0.05
 BENCH_RATE_BOUND_BPS = 400e9  # faster than any link a benchmark transfer here will see
 BENCH_MAX_CHUNKS = 1 << 22
+FAREWELL_TIMEOUT_S = 1.0      # how long ABORT/CLOSE may take to leave: the peer may be gone
 
 
 def _abort_reason(payload: bytes) -> str:
@@ -63,24 +62,25 @@ class BufferTooSmall(ConfigError):
 class Session:
     """A connected DWCP session. Use as a context manager; see connect() and listen()."""
 
-    def __init__(self, control: socket.socket, data: list[socket.socket], params: SessionParams,
-                 options: SessionOptions, *, role: str, peer: tuple[str, int]) -> None:
+    def __init__(self, control: Any, data: list[Any], params: SessionParams, options: SessionOptions, *,
+                 role: str, peer: tuple[str, int]) -> None:
         self._control = control
         self._data = data
         self.params = params
         self.options = options
         self.role = role
         self.peer = peer
-        self._engine, self.backend = make_stream_set(data, backend=options.backend,
-                                                     tls=isinstance(control, ssl.SSLSocket))
+        self._engine, self.backend = make_stream_set(data, control=control, backend=options.backend,
+                                                     tls=isinstance(control, ssl.SSLSocket),
+                                                     io_threads=options.io_threads)
         self._zerocopy, self.zerocopy_reason = self._choose_zerocopy()
         self._tid_counter = 0
         self._last_recv_tid = 0
-        self._inbox: deque[tuple[Header, bytes]] = deque()
+        self._pending: messages.XferBegin | None = None  # announced, not yet received
+        self._pool = RecvPool(options.recv_pool_bytes)
         self._lock = threading.Lock()  # one transfer at a time
         self._closed = False
         self._peer_closed = False
-        self._abort_reason: str | None = None
         self._counts = {"transfers_sent": 0, "transfers_received": 0, "bytes_sent": 0,
                         "bytes_received": 0}
         self._last_stats: dict[str, int] = {}
@@ -105,39 +105,42 @@ class Session:
         """Close the session (idempotent). A transfer running in another thread fails with
         SessionClosedError."""
         if not self._closed:
-            self._shut(encode_frame(FrameType.CLOSE), wait_for_transfer=True)
+            self._shut(FrameType.CLOSE, b"", wait_for_transfer=True)
 
     def _fail(self, exc: DWCPError) -> DWCPError:
-        """Close after a failed transfer (streams may be mid-frame) and return the error to raise.
+        """Close after a failed transfer (links may be mid-frame) and return the error to raise.
         Called from inside the transfer that failed, so it must not wait for the transfer lock."""
         log.warning("session with %s:%s failed: %s", self.peer[0], self.peer[1], exc)
         if not self._closed:
-            self._shut(encode_frame(FrameType.ABORT, messages.encode_abort(messages.Abort(str(exc)))),
+            self._shut(FrameType.ABORT, messages.encode_abort(messages.Abort(str(exc))),
                        wait_for_transfer=False)
         return exc
 
-    def _shut(self, farewell: bytes, *, wait_for_transfer: bool) -> None:
-        """Interrupt the engine, tell the peer (best effort: it may be gone), free everything."""
+    def _shut(self, ftype: int, payload: bytes, *, wait_for_transfer: bool) -> None:
+        """Interrupt the engine, tell the peer on every live link (best effort: it may be gone),
+        free everything."""
         self._closed = True
         self._engine.interrupt()
-        if not self._peer_closed:
-            try:
-                self._control.settimeout(1.0)
-                write_frame(self._control, farewell)
-            except (OSError, DWCPError):
-                pass
         if wait_for_transfer:
             with self._lock:  # a transfer in another thread notices the interrupt and returns
-                self._last_stats = self._engine.stats()
-                self._engine.close()
+                self._farewell(ftype, payload)
         else:
-            self._last_stats = self._engine.stats()
-            self._engine.close()
+            self._farewell(ftype, payload)
+        self._pool.clear()
         for s in [self._control, *self._data]:
             try:
                 s.close()
             except OSError:
                 pass
+
+    def _farewell(self, ftype: int, payload: bytes) -> None:
+        if not self._peer_closed:
+            try:
+                self._engine.send_control(ftype, 0, payload, timeout_s=FAREWELL_TIMEOUT_S)
+            except DWCPError:
+                pass
+        self._last_stats = self._engine.stats()
+        self._engine.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -170,67 +173,13 @@ class Session:
         self._tid_counter = tid
         return tid
 
-    # ---- control connection --------------------------------------------------------------------
-    def _read_control(self, deadline: float | None) -> tuple[Header, bytes]:
-        if self._inbox:
-            return self._inbox.popleft()
-        try:
-            return read_frame(self._control, max_payload=MAX_CONTROL_BYTES, deadline=deadline)
-        except PeerClosedError:
-            self._peer_closed = True
-            raise
-
-    def _control_readable(self) -> bool:
-        if isinstance(self._control, ssl.SSLSocket) and self._control.pending():
-            return True
-        r, _, _ = select.select([self._control], [], [], _CONTROL_POLL_S)
-        return bool(r)
-
-    @contextmanager
-    def _watch_control(self) -> Iterator[None]:
-        """During a transfer, react to ABORT/CLOSE from the peer by interrupting the engine; keep any
-        other frame (the next XFER_BEGIN may overtake our return) for the caller."""
-        stop = threading.Event()
-
-        def watch() -> None:
-            while not stop.is_set():
-                try:
-                    if not self._control_readable():
-                        continue
-                    frame = read_frame(self._control, max_payload=MAX_CONTROL_BYTES,
-                                       deadline=time.monotonic() + self.options.timeout_s)
-                except (OSError, ValueError, DWCPError) as e:
-                    if stop.is_set():
-                        return
-                    self._peer_closed = isinstance(e, PeerClosedError)
-                    self._abort_reason = f"control connection failed: {e}"
-                    self._engine.interrupt()
-                    return
-                hdr, payload = frame
-                if hdr.type == FrameType.ABORT:
-                    self._abort_reason = "peer aborted the transfer: " + _abort_reason(payload)
-                    self._engine.interrupt()
-                    return
-                if hdr.type == FrameType.CLOSE:
-                    self._peer_closed = True
-                    self._abort_reason = "peer closed the session during the transfer"
-                    self._engine.interrupt()
-                    return
-                self._inbox.append(frame)
-
-        t = threading.Thread(target=watch, name="dwcp-control-watch", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
-
     def _engine_error(self, exc: DWCPError) -> DWCPError:
-        if self._abort_reason and not self._closed:
-            err: DWCPError = PeerClosedError(self._abort_reason) if self._peer_closed \
-                else TransportError(self._abort_reason)
+        """The error a failed engine call ends the session with, in the session's words."""
+        if isinstance(exc, TransferAborted):
+            err: DWCPError = TransferAborted("peer aborted the transfer: " + _abort_reason(exc.payload),
+                                             payload=exc.payload)
             err.__cause__ = exc
+            self._peer_closed = True  # it closes right after ABORT
             return self._fail(err)
         if isinstance(exc, SessionClosedError):
             return exc
@@ -277,22 +226,17 @@ class Session:
             self._check_open()
             tid = self._next_tid()
             wrap = len(mv) if length > len(mv) else 0
-            begin = messages.XferBegin(transfer_id=tid, length=length, chunk_bytes=self.params.chunk_bytes,
-                                       kind=kind, wrap_bytes=wrap, frame_flags=frame_flags, name=name,
-                                       mode=mode)
+            begin = messages.encode_xfer_begin(messages.XferBegin(
+                transfer_id=tid, length=length, chunk_bytes=self.params.chunk_bytes, kind=kind,
+                wrap_bytes=wrap, frame_flags=frame_flags, name=name, mode=mode))
             try:
-                write_frame(self._control, encode_frame(FrameType.XFER_BEGIN, messages.encode_xfer_begin(begin)))
-            except OSError as e:
-                raise self._fail(PeerClosedError(f"cannot announce the transfer: {e}", errno=e.errno)) from e
-            with self._watch_control():
-                try:
-                    sent = self._engine.send(mv, transfer_id=tid, chunk_bytes=self.params.chunk_bytes,
-                                             csum_flags=self.params.csum_flags, length=length,
-                                             frame_flags=frame_flags,
-                                             timeout_s=self.options.timeout_s, zerocopy=self._zerocopy,
-                                             zc_min_bytes=self.options.zc_min_bytes, deadline=deadline)
-                except DWCPError as e:
-                    raise self._engine_error(e) from e
+                sent = self._engine.send(mv, transfer_id=tid, chunk_bytes=self.params.chunk_bytes,
+                                         csum_flags=self.params.csum_flags, length=length,
+                                         frame_flags=frame_flags, timeout_s=self.options.timeout_s,
+                                         zerocopy=self._zerocopy, zc_min_bytes=self.options.zc_min_bytes,
+                                         deadline=deadline, begin=begin)
+            except DWCPError as e:
+                raise self._engine_error(e) from e
             self._counts["transfers_sent"] += 1
             self._counts["bytes_sent"] += sent
             return sent
@@ -301,37 +245,40 @@ class Session:
 
     # ---- receiving --------------------------------------------------------------------------------
     def _await_begin(self, timeout_s: float | None) -> messages.XferBegin:
-        """The next XFER_BEGIN (left in the inbox, so a too-small buffer loses nothing)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            if self._inbox and self._inbox[0][0].type == FrameType.XFER_BEGIN:
-                try:
-                    return messages.decode_xfer_begin(self._inbox[0][1])
-                except ProtocolError as e:
-                    raise self._fail(e) from e
-            # Wait for the first byte outside read_frame: a timeout before any byte arrived leaves
-            # the session intact, while one in the middle of a frame would leave it out of sync.
-            while not self._inbox and not self._control_readable():
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TransferTimeout(f"no transfer arrived within {timeout_s:g} s")
+        """The next XFER_BEGIN (kept as pending, so a too-small buffer loses nothing)."""
+        if self._pending is not None:
+            return self._pending
+        try:
+            ftype, tid, payload = self._engine.next_control(timeout_s)
+        except TransferTimeout:
+            # Nothing arrived: no byte of a frame was consumed, the session stays intact.
+            raise TransferTimeout(f"no transfer arrived within {timeout_s:g} s") from None
+        except SessionClosedError:
+            raise
+        except DWCPError as e:
+            if isinstance(e, PeerClosedError):
+                e = PeerClosedError(f"the peer is gone: {e}", errno=e.errno)
+            raise self._fail(e) from e
+        if ftype == FrameType.XFER_BEGIN:
             try:
-                hdr, payload = self._read_control(time.monotonic() + self.options.timeout_s)
-            except PeerClosedError as e:
-                raise self._fail(PeerClosedError(f"peer closed the control connection: {e}")) from e
-            except DWCPError as e:
+                b = messages.decode_xfer_begin(payload)
+            except ProtocolError as e:
                 raise self._fail(e) from e
-            if hdr.type == FrameType.XFER_BEGIN:
-                self._inbox.appendleft((hdr, payload))
-            elif hdr.type == FrameType.CLOSE:
-                self._peer_closed = True
-                raise self._fail(PeerClosedError("the peer closed the session"))
-            elif hdr.type == FrameType.ABORT:
-                raise self._fail(TransportError("peer aborted: " + _abort_reason(payload)))
-            else:
-                raise self._fail(ProtocolError(
-                    f"unexpected frame type {hdr.type} on the control connection while waiting for a transfer"))
+            if b.transfer_id != tid:
+                raise self._fail(ProtocolError(f"XFER_BEGIN header names transfer {tid} but its payload "
+                                               f"{b.transfer_id}"))
+            self._pending = b
+            return b
+        if ftype == FrameType.CLOSE:
+            self._peer_closed = True
+            raise self._fail(PeerClosedError("the peer closed the session"))
+        if ftype == FrameType.ABORT:
+            self._peer_closed = True
+            raise self._fail(TransferAborted("peer aborted: " + _abort_reason(payload), payload=payload))
+        raise self._fail(ProtocolError(f"unexpected control frame type {ftype} while waiting for a "
+                                       "transfer"))
 
-    def _validate_begin(self, b: messages.XferBegin, capacity: int | None) -> None:
+    def _validate_begin(self, b: messages.XferBegin) -> None:
         if b.transfer_id % 2 == (1 if self.role == "client" else 0):
             raise self._fail(ProtocolError(f"transfer id {b.transfer_id} has this side's parity; the peer "
                                            "announced an id it may not use"))
@@ -346,15 +293,15 @@ class Session:
             raise self._fail(ProtocolError("only benchmark transfers may wrap around their buffer"))
 
     def _recv_transfer(self, b: messages.XferBegin, view: memoryview) -> int:
-        self._inbox.popleft()
+        self._pending = None
         self._last_recv_tid = b.transfer_id
-        with self._watch_control():
-            try:
-                n = self._engine.recv_into(view, transfer_id=b.transfer_id, length=b.length,
-                                           chunk_bytes=b.chunk_bytes, csum_flags=self.params.csum_flags,
-                                           timeout_s=self.options.timeout_s)
-            except DWCPError as e:
-                raise self._engine_error(e) from e
+        try:
+            n = self._engine.recv_into(view, transfer_id=b.transfer_id, length=b.length,
+                                       chunk_bytes=b.chunk_bytes, csum_flags=self.params.csum_flags,
+                                       timeout_s=self.options.timeout_s,
+                                       sink=b.kind == messages.XferKind.BENCH and b.length > len(view))
+        except DWCPError as e:
+            raise self._engine_error(e) from e
         self._counts["transfers_received"] += 1
         self._counts["bytes_received"] += n
         return n
@@ -379,36 +326,53 @@ class Session:
 
     def recv(self, timeout_s: float | None = None) -> bytearray:
         """Receive the next transfer into a new bytearray. timeout_s bounds the wait for it to start
-        (None: wait forever); once started, the session's timeout_s bounds progress."""
+        (None: wait forever); once started, the session's timeout_s bounds progress.
+
+        The bytearray comes from the session's pool: memory of an earlier result that nobody holds any
+        more is reused (already faulted in, huge-page backed when large), so receiving many large
+        transfers runs as fast as recv_into() a reused buffer."""
         with self._receiving():
             b = self._await_begin(timeout_s)
-            self._validate_begin(b, None)
+            self._validate_begin(b)
             if b.length > self.options.max_recv_bytes:
                 raise self._fail(ProtocolError(
                     f"peer announced {b.length} bytes, over max_recv_bytes={self.options.max_recv_bytes}; "
                     "raise max_recv_bytes or use recv_into()/recv_file()"))
             if b.wrap_bytes:
                 raise self._fail(ProtocolError("a benchmark transfer needs recv_into() with a buffer"))
-            out = bytearray(b.length)
-            self._recv_transfer(b, memoryview(out))
+            out = self._pool.take(b.length)
+            view = memoryview(out)
+            try:
+                n = self._recv_transfer(b, view)
+            finally:
+                view.release()
+            if n < b.length:
+                del out[n:]
             return out
 
     def recv_into(self, buffer: Any, timeout_s: float | None = None) -> int:
         """Receive the next transfer into buffer; returns its length. If the buffer is too small,
         raises BufferTooSmall and consumes nothing (call again with a large enough buffer)."""
         view = byte_view(buffer, writable=True, what="recv_into() buffer")
-        with self._receiving():
-            b = self._await_begin(timeout_s)
-            self._validate_begin(b, len(view))
-            if b.wrap_bytes:
-                if len(view) == 0 or len(view) % b.chunk_bytes:
-                    raise ConfigError(f"a benchmark transfer wraps around the buffer, whose size must be a "
-                                      f"non-zero multiple of the chunk size {b.chunk_bytes}")
-            elif b.length > len(view):
-                raise BufferTooSmall(f"incoming transfer is {b.length} bytes but the buffer holds "
-                                     f"{len(view)}; nothing was consumed, call again with a bigger buffer",
-                                     b.length)
-            return self._recv_transfer(b, view[:b.length] if not b.wrap_bytes else view)
+        try:
+            with self._receiving():
+                b = self._await_begin(timeout_s)
+                self._validate_begin(b)
+                if b.wrap_bytes:
+                    if len(view) == 0 or len(view) % b.chunk_bytes:
+                        raise ConfigError(f"a benchmark transfer wraps around the buffer, whose size must "
+                                          f"be a non-zero multiple of the chunk size {b.chunk_bytes}")
+                elif b.length > len(view):
+                    raise BufferTooSmall(f"incoming transfer is {b.length} bytes but the buffer holds "
+                                         f"{len(view)}; nothing was consumed, call again with a bigger "
+                                         "buffer", b.length)
+                target = view[:b.length] if not b.wrap_bytes else view
+                try:
+                    return self._recv_transfer(b, target)
+                finally:
+                    target.release()
+        finally:
+            view.release()
 
     def recv_file(self, path: str | os.PathLike[str], timeout_s: float | None = None) -> int:
         """Receive the next transfer into a file at path. The data lands in a temporary file beside it,
@@ -418,7 +382,7 @@ class Session:
         directory = os.path.dirname(os.path.abspath(path))
         with self._receiving():
             b = self._await_begin(timeout_s)
-            self._validate_begin(b, None)
+            self._validate_begin(b)
             if b.wrap_bytes:
                 raise self._fail(ProtocolError("a benchmark transfer cannot be received into a file"))
             fd, tmp = tempfile.mkstemp(prefix=".dwcp-", suffix=".partial", dir=directory)
@@ -476,16 +440,28 @@ class Session:
         return moved
 
     # ---- introspection ----------------------------------------------------------------------------
+    @property
+    def io_threads(self) -> int:
+        """Threads the engine drives a large transfer with (1 for the Python engine)."""
+        return int(getattr(self._engine, "io_threads", 1))
+
     def live_stats(self) -> dict[str, int]:
         """Engine counters only (cheap; safe to call from another thread during a transfer)."""
         if self._closed:
             return dict(self._last_stats)
-        return self._engine.stats()
+        try:
+            return self._engine.stats()
+        except DWCPError:
+            return dict(self._last_stats)  # closed by another thread in the meantime
 
-    def data_sockets(self) -> list[socket.socket]:
+    def data_sockets(self) -> list[Any]:
         """The data streams' sockets (a copy of the list), for telemetry: e.g.
         ``LinkMonitor.register_session`` reads their cookies. Do not read from or write to them."""
         return list(self._data)
+
+    def control_socket(self) -> Any:
+        """The control connection's socket, for telemetry and tests. Do not read from or write to it."""
+        return self._control
 
     def tcp_retransmits(self) -> int:
         total = 0
@@ -500,6 +476,7 @@ class Session:
         """Counters and negotiated parameters of the session."""
         engine = self.live_stats()
         alive = 0 if self._closed else self._engine.alive_count()
+        control_alive = False if self._closed else self._engine.control_alive()
         return {
             **self._counts,
             "engine": engine,
@@ -508,6 +485,8 @@ class Session:
             "peer": f"{self.peer[0]}:{self.peer[1]}",
             "streams": self.params.streams,
             "streams_alive": alive,
+            "control_alive": control_alive,
+            "io_threads": self.io_threads,
             "chunk_bytes": self.params.chunk_bytes,
             "checksum": self.params.checksum,
             "version": self.params.version,
@@ -518,4 +497,5 @@ class Session:
             "zerocopy_reason": ("kernel copied MSG_ZEROCOPY sends; fell back to plain sends"
                                 if engine.get("zc_fallback") else self.zerocopy_reason),
             "tcp_retransmits": 0 if self._closed else self.tcp_retransmits(),
+            "recv_pool": self._pool.stats(),
         }

@@ -22,6 +22,9 @@ SUPPORTED_VERSIONS = (1,)
 HEADER_BYTES = 48
 MAX_CHUNK_BYTES = 64 << 20
 MAX_CONTROL_BYTES = 64 << 10
+#: Stream index of every frame on the control connection once the handshake is over (data streams
+#: use 0..N-1): a frame names the link it travels on (docs/protocol.md "Links").
+STREAM_CONTROL = 0xFFFF
 
 _HEADER = struct.Struct("<IBBHHHIQQQ")  # bytes 0..39, then header_crc u32 and reserved1 u32
 _TAIL = struct.Struct("<II")
@@ -54,6 +57,9 @@ class Flag(enum.IntFlag):
 FLAGS_KNOWN = int(Flag.CSUM_CRC32C | Flag.CSUM_XXH3 | Flag.COMPRESSED)
 _CSUM_MASK = int(Flag.CSUM_CRC32C | Flag.CSUM_XXH3)
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+
+#: Control frames that may travel on any link after the handshake.
+LINK_CONTROL_TYPES = frozenset({FrameType.XFER_BEGIN, FrameType.ABORT, FrameType.CLOSE})
 
 # Frame types that never carry a payload.
 EMPTY_TYPES = frozenset({FrameType.ACK, FrameType.NACK, FrameType.DONE, FrameType.TRUNCATE,

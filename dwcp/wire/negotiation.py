@@ -22,6 +22,13 @@ from dwcp.wire.frames import Flag
 CHECKSUM_FLAGS: dict[str, int] = {"xxh3": int(Flag.CSUM_XXH3), "crc32c": int(Flag.CSUM_CRC32C)}
 
 
+#: The session protocol this code speaks (docs/protocol.md). 2: after the handshake every connection is
+#: a link that may carry any frame (control frames on data streams, data on the control connection when
+#: no data stream is left), so a session survives losing any connection. Version 1 peers kept control
+#: frames on the control connection only; a session cannot follow both rules, so 1 is not offered.
+PROTOCOL_VERSION = 2
+
+
 @dataclass(frozen=True)
 class Offer:
     """What a client asks for. ``checksums`` is in order of preference."""
@@ -29,7 +36,7 @@ class Offer:
     chunk_bytes: int = 1 << 20
     checksums: tuple[str, ...] = ("xxh3", "crc32c")
     features: frozenset[str] = frozenset()
-    versions: tuple[int, ...] = (1,)
+    versions: tuple[int, ...] = (PROTOCOL_VERSION,)
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class ServerPolicy:
     max_chunk_bytes: int = 64 << 20
     checksums: tuple[str, ...] = ("xxh3", "crc32c")
     features: frozenset[str] = frozenset()
-    versions: tuple[int, ...] = (1,)
+    versions: tuple[int, ...] = (PROTOCOL_VERSION,)
 
 
 @dataclass(frozen=True)

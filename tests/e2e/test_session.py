@@ -213,18 +213,21 @@ def test_stream_killed_mid_transfer_completes(session_pair: Any, backend: str) -
     assert transfer(pair, data[: 1 << 20]) == data[: 1 << 20]
 
 
-def test_all_streams_dead_is_a_transport_error(session_pair: Any, backend: str) -> None:
+def test_every_connection_dead_is_a_transport_error(session_pair: Any, backend: str) -> None:
+    """With the data streams *and* the control connection gone there is nothing left to carry the
+    transfer: both sides get a TransportError and the session is closed. (Data streams alone are not
+    enough to stop it: tests/e2e/test_session_survival.py.)"""
     pair = session_pair(streams=3, backend=backend, chunk_bytes=CHUNK, timeout_s=20)
     data = pattern(512 << 20 if backend == "c" else 128 << 20)
     out = bytearray(len(data))
     t, box = run_in_thread(pair.server.recv_into, out)
     s, sbox = run_in_thread(pair.client.send, data)
     time.sleep(0.05)
-    for sock in pair.server._data:
+    for sock in [*pair.server.data_sockets(), pair.server.control_socket()]:
         sock.shutdown(socket.SHUT_RDWR)
     s.join(30)
     t.join(30)
-    assert not s.is_alive() and not t.is_alive(), "a side hung after its streams died"
+    assert not s.is_alive() and not t.is_alive(), "a side hung after its connections died"
     assert isinstance(sbox.get("error"), TransportError), sbox
     assert isinstance(box.get("error"), TransportError), box
     with pytest.raises(SessionClosedError):

@@ -293,7 +293,7 @@ def test_all_streams_killed_sender_raises_peer_closed(pairs: Pairs) -> None:
     time.sleep(0.1)
     for s in rx_socks:
         s.shutdown(socket.SHUT_RDWR)
-    with pytest.raises(PeerClosedError, match="every data stream died"):
+    with pytest.raises(PeerClosedError, match="every connection of the session died"):
         sender.result()
     assert tx.alive_count() == 0 and tx.stats()["streams_failed"] == 3
 

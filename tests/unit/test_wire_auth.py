@@ -137,7 +137,7 @@ def test_nonces_are_fresh() -> None:
 
 
 def _hello(**kw: object) -> m.Hello:
-    base: dict[str, object] = dict(nonce=bytes(32), insecure=False, versions=(1,), streams=8,
+    base: dict[str, object] = dict(nonce=bytes(32), insecure=False, versions=(2,), streams=8,
                                    chunk_bytes=1 << 20, checksums=("xxh3", "crc32c"),
                                    features=frozenset())
     base.update(kw)
@@ -168,11 +168,11 @@ def test_negotiate_failures() -> None:
 
 def test_check_choice() -> None:
     offer = Offer(streams=8, chunk_bytes=1 << 20, features=frozenset({"hde"}))
-    ok = Choice(version=1, streams=8, chunk_bytes=1 << 20, checksum="xxh3", features=frozenset({"hde"}))
+    ok = Choice(version=2, streams=8, chunk_bytes=1 << 20, checksum="xxh3", features=frozenset({"hde"}))
     check_choice(offer, ok)
-    for bad in (Choice(2, 8, 1 << 20, "xxh3", frozenset()), Choice(1, 9, 1 << 20, "xxh3", frozenset()),
-                Choice(1, 8, 2 << 20, "xxh3", frozenset()), Choice(1, 8, 1 << 20, "md5", frozenset()),
-                Choice(1, 8, 1 << 20, "xxh3", frozenset({"rdma"}))):
+    for bad in (Choice(1, 8, 1 << 20, "xxh3", frozenset()), Choice(2, 9, 1 << 20, "xxh3", frozenset()),
+                Choice(2, 8, 2 << 20, "xxh3", frozenset()), Choice(2, 8, 1 << 20, "md5", frozenset()),
+                Choice(2, 8, 1 << 20, "xxh3", frozenset({"rdma"}))):
         with pytest.raises(ProtocolError, match="outside our offer"):
             check_choice(offer, bad)
 
@@ -189,3 +189,10 @@ def test_validate_policy(policy: ServerPolicy) -> None:
 def test_defaults_are_valid() -> None:
     validate_offer(Offer())
     validate_policy(ServerPolicy())
+
+
+def test_version_1_peers_are_refused_by_name() -> None:
+    """Protocol 2 lets control frames travel on data streams; a version 1 peer would misread them, so
+    it is refused in the handshake with both lists named, never met mid-session."""
+    with pytest.raises(ProtocolError, match=r"client speaks \[1\], the server speaks \[2\]"):
+        negotiate(_hello(versions=(1,)), ServerPolicy())

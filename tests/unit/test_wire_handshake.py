@@ -147,7 +147,7 @@ def test_server_rejecting_client_proof_sends_generic_error() -> None:
     a, b = socket.socketpair()
     with a, b:
         t, server = _in_thread(lambda: serve(b))
-        hello = m.Hello(nonce=bytes(32), insecure=False, versions=(1,), streams=2,
+        hello = m.Hello(nonce=bytes(32), insecure=False, versions=(2,), streams=2,
                         chunk_bytes=1 << 20, checksums=("xxh3",))
         io.write_frame(a, frames.encode_frame(FrameType.HELLO, m.encode_hello(hello)))
         h, _ = io.read_frame(a, max_payload=CTRL, deadline=time.monotonic() + 5)
@@ -334,7 +334,7 @@ def test_server_refuses_non_hello_first_frame() -> None:
 def test_server_times_out_waiting_for_proof() -> None:
     a, b = socket.socketpair()
     with a, b:
-        hello = m.Hello(nonce=bytes(32), insecure=False, versions=(1,), streams=2,
+        hello = m.Hello(nonce=bytes(32), insecure=False, versions=(2,), streams=2,
                         chunk_bytes=1 << 20, checksums=("xxh3",))
         io.write_frame(a, frames.encode_frame(FrameType.HELLO, m.encode_hello(hello)))
         start = time.monotonic()

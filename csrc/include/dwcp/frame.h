@@ -92,6 +92,8 @@ enum dwcp_err {
     DWCP_E_INVAL = -15,      /* bad argument from the caller */
     DWCP_E_PEER = -16,       /* peer sent a frame that breaks the protocol (after validation) */
     DWCP_E_CLOSED = -17,     /* the stream set was closed locally */
+    DWCP_E_PEER_ABORT = -18, /* the peer sent ABORT: it gave up the transfer */
+    DWCP_E_PEER_CLOSE = -19, /* the peer sent CLOSE: it ended the session */
 };
 
 /* Encode hdr into out[DWCP_HEADER_BYTES] (computes header_crc). */
@@ -110,6 +112,21 @@ int dwcp_crc32c_hw(void);
 uint64_t dwcp_xxh3(const void *buf, size_t len);
 /* Checksum of a payload as named by flags (DWCP_FLAG_CSUM_*); 0 when neither flag is set. */
 uint64_t dwcp_payload_checksum(uint16_t flags, const void *buf, size_t len);
+
+/* The same checksum computed piece by piece, so a receiver can hash each slice of a payload right
+ * after the kernel copied it in (while it is still in cache). The digest equals
+ * dwcp_payload_checksum over the concatenated pieces. */
+typedef struct dwcp_csum {
+    uint16_t flags;
+    uint32_t crc;
+    void *xxh; /* XXH3 streaming state (64-byte aligned, owned) */
+} dwcp_csum;
+/* 0, or DWCP_E_NOMEM. */
+int dwcp_csum_init(dwcp_csum *c);
+void dwcp_csum_free(dwcp_csum *c);
+void dwcp_csum_reset(dwcp_csum *c, uint16_t flags);
+void dwcp_csum_update(dwcp_csum *c, const void *buf, size_t len);
+uint64_t dwcp_csum_digest(const dwcp_csum *c);
 
 #ifdef __cplusplus
 }
