@@ -98,8 +98,9 @@ typedef struct lnk {
     int kill_req;  /* atomic: set by dwcp_streams_kill from any thread, applied by the owner */
     int readable, writable, hup;
     int parked;    /* the header at the front of rb belongs to a later call */
-    uint64_t begun_tid; /* XFER_BEGIN of this transfer is queued on (or went out on) this lnk */
+    uint64_t begun_tid; /* XFER_BEGIN of this transfer is queued on (or went out on) this link */
     int begun;
+    uint64_t seen_tid;  /* receiver: the newest transfer whose frames (or XFER_BEGIN) came on this link */
 
     /* outgoing, in wire order: carry, [started DATA], wq, [DATA not started] */
     uint8_t *carry;
@@ -155,6 +156,7 @@ struct dwcp_streams {
     int n;  /* data streams */
     int nl; /* links: n, plus the control connection */
     int T;  /* threads a large transfer uses (worker 0 is the caller) */
+    int64_t busy_poll_ns; /* per call, for small transfers and control waits */
     lnk *l;
     worker *w;
     int solo_ep, solo_evfd;
@@ -243,6 +245,7 @@ typedef struct wctx {
     int64_t published; /* last progress time written to x->last_progress */
     uint64_t sink_next; /* sink mode: chunks this thread has placed */
     int idle_rc;       /* idle calls: an error met while reading (reported if nothing else) */
+    int64_t spin_ns;   /* busy-poll budget left in this call (see wait_events) */
 } wctx;
 
 static int64_t now_ns(void)
@@ -1133,6 +1136,7 @@ static int rx_header(wctx *c, lnk *t, const dwcp_frame *f)
     consume_header(t);
     if (f->transfer_id < x->o->transfer_id)
         return stale_data(c, t, f);
+    t->seen_tid = f->transfer_id;
     if (f->type == DWCP_T_TRUNCATE) {
         uint64_t tl = f->offset;
         if (tl > x->length || (tl % x->chunk && tl != x->length))
@@ -1235,6 +1239,7 @@ static int ctl_done(wctx *c, lnk *t, const uint8_t *payload)
                 rc = ctl_push(t, DWCP_T_DONE, s->done_recv_id, s->done_recv_len);
         } else {
             rc = inbox_push(s, f, payload);
+            t->seen_tid = f->transfer_id;
             if (rc == 0) {
                 s->last_begin_id = f->transfer_id;
                 s->have_begin_id = 1;
@@ -1542,10 +1547,24 @@ static void handle_events(wctx *c, struct epoll_event *evs, int nev)
     }
 }
 
+/* Wait for events. A call that may busy-poll (c->spin_ns > 0: small transfers and control waits)
+ * first polls without sleeping, up to its budget: on a VM, waking a task that slept on another vCPU
+ * costs tens of microseconds (an IPI and a VM exit on each side), more than a small transfer's whole
+ * round trip, while the peer of a request/response exchange usually answers within that budget. */
 static int wait_events(wctx *c, int wait_ms)
 {
     struct epoll_event evs[64];
-    int nev = epoll_wait(c->ep, evs, 64, wait_ms);
+    int nev = 0;
+    if (c->spin_ns > 0 && wait_ms != 0) {
+        int64_t start = now_ns(), t = start;
+        /* sched_yield: a peer on this very CPU (the scheduler puts partners together) must get to
+         * run and answer while we poll. */
+        while ((nev = epoll_wait(c->ep, evs, 64, 0)) == 0 && (t = now_ns()) - start < c->spin_ns)
+            sched_yield();
+        c->spin_ns -= (nev ? now_ns() : t) - start;
+    }
+    if (nev == 0)
+        nev = epoll_wait(c->ep, evs, 64, wait_ms);
     if (nev < 0) {
         if (errno == EINTR)
             return 0;
@@ -1565,6 +1584,10 @@ static void serve_links(wctx *c)
             continue;
         if (t->readable || (t->rb_tail > t->rb_head && !t->parked))
             link_read(c, t);
+        /* A receive that just completed writes nothing more here: the end of the call pushes DONE
+         * behind the last ACK, and both leave in one send. */
+        if (c->x && !c->x->sender && xfer_complete(c->x))
+            continue;
         if (is_alive(t) && t->writable && tx_has_work(c, t))
             link_write(c, t);
     }
@@ -1789,11 +1812,17 @@ static int run_thread_part(wctx *c)
         if (!__atomic_load_n(&x->got_done, __ATOMIC_ACQUIRE) && __atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE))
             rc = flush_links(c, x->timeout_ns, NULL);
     } else if (st == 1) {
-        /* DONE on every live link: the sender may have lost any one of them. */
+        /* DONE on every live link the transfer came on: the sender waits for ACKs there, and may lose
+         * any one of those links. (If it loses all of them it re-sends their chunks elsewhere, which
+         * this set answers with DONE again: stale_data.) With none of them left, on every live link. */
         uint64_t len = __atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE) ? x->trunc_len : x->length;
+        int any = 0;
+        for (int i = 0; i < c->s->nl; i++)
+            any |= is_alive(&c->s->l[i]) && c->s->l[i].seen_tid == x->o->transfer_id;
         for (int i = 0; i < c->s->nl && !rc; i++) {
             lnk *t = &c->s->l[i];
-            if (owns(c, t) && is_alive(t) && ctl_push(t, DWCP_T_DONE, x->o->transfer_id, len) < 0)
+            if (owns(c, t) && is_alive(t) && (!any || t->seen_tid == x->o->transfer_id) &&
+                ctl_push(t, DWCP_T_DONE, x->o->transfer_id, len) < 0)
                 rc = DWCP_E_NOMEM;
         }
         if (!rc)
@@ -1964,7 +1993,8 @@ static int transfer(dwcp_streams *s, int sender, const void *buf, uint64_t buf_l
             x.use_zc = 0; /* the kernel refuses SO_ZEROCOPY: plain sends are the only option */
         unpark_all(s);
         x.mt = use_threads(s, &x) && start_threads(s);
-        wctx c = {.s = s, .x = &x, .w = &s->w[0], .ep = x.mt ? s->w[0].ep : s->solo_ep, .all = !x.mt};
+        wctx c = {.s = s, .x = &x, .w = &s->w[0], .ep = x.mt ? s->w[0].ep : s->solo_ep, .all = !x.mt,
+                  .spin_ns = !x.mt && x.length < DWCP_MT_MIN_BYTES ? s->busy_poll_ns : 0};
         if (x.mt) {
             DWCP_ADD(s->w[0].st.mt_transfers, 1);
             pthread_mutex_lock(&s->mu);
@@ -2063,7 +2093,7 @@ int dwcp_next_control(dwcp_streams *s, int timeout_ms, uint8_t *type, uint64_t *
     if (__atomic_exchange_n(&s->busy, 1, __ATOMIC_ACQUIRE))
         return DWCP_E_INVAL;
     int64_t end = timeout_ms < 0 ? 0 : now_ns() + (int64_t)timeout_ms * 1000000;
-    wctx c = {.s = s, .x = NULL, .w = &s->w[0], .ep = s->solo_ep, .all = 1};
+    wctx c = {.s = s, .x = NULL, .w = &s->w[0], .ep = s->solo_ep, .all = 1, .spin_ns = s->busy_poll_ns};
     int rc;
     unpark_all(s);
     c.again = 1;
@@ -2223,6 +2253,8 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
     if (!fds || n < 1 || n > DWCP_MAX_STREAMS)
         return NULL;
     int ctl_fd = opts ? opts->control_fd : -1;
+    if (opts && (opts->busy_poll_us < 0 || opts->busy_poll_us > 1000000))
+        return NULL;
     int want = opts ? opts->io_threads : 0;
     if (want < 0 || want > DWCP_MAX_IO_THREADS)
         return NULL;
@@ -2231,6 +2263,7 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
         return NULL;
     s->n = n;
     s->nl = n + (ctl_fd >= 0);
+    s->busy_poll_ns = opts ? (int64_t)opts->busy_poll_us * 1000 : 0;
     s->solo_ep = s->solo_evfd = -1;
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->inbox_mu, NULL);

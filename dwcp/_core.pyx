@@ -239,6 +239,8 @@ cdef class StreamSet:
     ``fds`` are connected TCP sockets (ints); stream i carries frames with stream index i.
     ``control`` is the control connection's fd (its frames carry STREAM_CONTROL), or None.
     ``io_threads``: threads a large transfer uses (0 = one per usable CPU, at most one per stream).
+    ``busy_poll_us``: how long a call on a small transfer, or waiting for a control frame, may poll
+    before it sleeps (see amst.h).
     The engine makes the sockets non-blocking and sets TCP_NODELAY; the fds stay yours: close them
     after close(). One call at a time per set, in either direction (late frames of the other
     direction are dropped as stale); transfer ids must grow per direction. Every call releases the
@@ -253,7 +255,7 @@ cdef class StreamSet:
     cdef object _last_recv_id
     cdef bytearray _ctl_buf
 
-    def __cinit__(self, fds, *, control=None, io_threads=0):
+    def __cinit__(self, fds, *, control=None, io_threads=0, busy_poll_us=0):
         cdef int *arr = NULL
         cdef int i
         cdef dwcp_set_opts opts
@@ -273,8 +275,12 @@ cdef class StreamSet:
                 not 0 <= io_threads <= DWCP_MAX_IO_THREADS:
             raise ConfigError(f"io_threads must be an int 0..{DWCP_MAX_IO_THREADS} (0: one per usable "
                               f"CPU), got {io_threads!r}")
+        if isinstance(busy_poll_us, bool) or not isinstance(busy_poll_us, int) or \
+                not 0 <= busy_poll_us <= 1000000:
+            raise ConfigError(f"busy_poll_us must be an int 0..1000000 (0: never poll), got {busy_poll_us!r}")
         opts.control_fd = -1 if control is None else control
         opts.io_threads = io_threads
+        opts.busy_poll_us = busy_poll_us
         arr = <int *>malloc(n * sizeof(int))
         if arr == NULL:
             raise MemoryError()

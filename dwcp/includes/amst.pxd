@@ -14,6 +14,7 @@ cdef extern from "dwcp/amst.h" nogil:
     ctypedef struct dwcp_set_opts:
         int control_fd
         int io_threads
+        int busy_poll_us
 
     ctypedef struct dwcp_streams:
         pass

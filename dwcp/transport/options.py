@@ -75,6 +75,9 @@ class SessionOptions:
     than streams; 1: the calling thread only).
     recv_pool_bytes: recv() results that nobody references any more are kept (up to this many bytes)
     and reused, already faulted in, for the next large recv() (0: no pooling).
+    busy_poll_us: a small transfer, or a wait for the next one, polls for up to this long before it
+    sleeps (C engine): a sleeping task's wakeup costs tens of microseconds on a VM, more than a small
+    transfer's round trip. 0 turns it off (no CPU spent polling, higher latency).
     """
 
     streams: int = 4
@@ -89,6 +92,7 @@ class SessionOptions:
     max_recv_bytes: int = 64 << 30
     io_threads: int = 0
     recv_pool_bytes: int = 512 << 20
+    busy_poll_us: int = 200
     backend: str = field(default_factory=lambda: os.environ.get("DWCP_BACKEND", "c"))
 
     def __post_init__(self) -> None:
@@ -111,6 +115,9 @@ class SessionOptions:
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or \
                 not 0 <= self.io_threads <= 64:
             raise ConfigError(f"io_threads must be an int 0..64 (0: one per usable CPU), got {self.io_threads!r}")
+        if isinstance(self.busy_poll_us, bool) or not isinstance(self.busy_poll_us, int) or \
+                not 0 <= self.busy_poll_us <= 1_000_000:
+            raise ConfigError(f"busy_poll_us must be an int 0..1000000 (0: never poll), got {self.busy_poll_us!r}")
         if isinstance(self.recv_pool_bytes, bool) or not isinstance(self.recv_pool_bytes, int) or \
                 self.recv_pool_bytes < 0:
             raise ConfigError(f"recv_pool_bytes must be an int >= 0 (0: no pooling), got {self.recv_pool_bytes!r}")

@@ -72,7 +72,8 @@ class Session:
         self.peer = peer
         self._engine, self.backend = make_stream_set(data, control=control, backend=options.backend,
                                                      tls=isinstance(control, ssl.SSLSocket),
-                                                     io_threads=options.io_threads)
+                                                     io_threads=options.io_threads,
+                                                     busy_poll_us=options.busy_poll_us)
         self._zerocopy, self.zerocopy_reason = self._choose_zerocopy()
         self._tid_counter = 0
         self._last_recv_tid = 0
@@ -107,10 +108,10 @@ class Session:
         if not self._closed:
             self._shut(FrameType.CLOSE, b"", wait_for_transfer=True)
 
-    def _fail(self, exc: DWCPError) -> DWCPError:
+    def _fail(self, exc: DWCPError, *, level: int = logging.WARNING) -> DWCPError:
         """Close after a failed transfer (links may be mid-frame) and return the error to raise.
         Called from inside the transfer that failed, so it must not wait for the transfer lock."""
-        log.warning("session with %s:%s failed: %s", self.peer[0], self.peer[1], exc)
+        log.log(level, "session with %s:%s failed: %s", self.peer[0], self.peer[1], exc)
         if not self._closed:
             self._shut(FrameType.ABORT, messages.encode_abort(messages.Abort(str(exc))),
                        wait_for_transfer=False)
@@ -270,8 +271,9 @@ class Session:
             self._pending = b
             return b
         if ftype == FrameType.CLOSE:
+            # The orderly end of a session, not a failure worth a warning.
             self._peer_closed = True
-            raise self._fail(PeerClosedError("the peer closed the session"))
+            raise self._fail(PeerClosedError("the peer closed the session"), level=logging.INFO)
         if ftype == FrameType.ABORT:
             self._peer_closed = True
             raise self._fail(TransferAborted("peer aborted: " + _abort_reason(payload), payload=payload))

@@ -409,11 +409,16 @@ class XferBegin:
         return bool(self.frame_flags & frames.Flag.COMPRESSED)
 
 
+_XFER_KINDS = tuple(XferKind)          # indexed by value (0, 1, 2)
+_XFER_KIND_VALUES = frozenset(k.value for k in XferKind)
+assert all(k.value == i for i, k in enumerate(_XFER_KINDS))
+
+
 def encode_xfer_begin(m: XferBegin) -> bytes:
     _check_range(m.transfer_id, 0, (1 << 64) - 1, "transfer_id")
     _check_range(m.length, 0, (1 << 64) - 1, "length")
     _check_range(m.chunk_bytes, MIN_CHUNK_BYTES, MAX_CHUNK_BYTES, "chunk_bytes")
-    if m.kind not in tuple(XferKind):
+    if m.kind not in _XFER_KINDS:
         raise ConfigError(f"kind {m.kind!r} is not one of {[k.name for k in XferKind]}")
     _check_range(m.wrap_bytes, 0, (1 << 64) - 1, "wrap_bytes")
     if m.wrap_bytes and m.kind != XferKind.BENCH:
@@ -442,18 +447,21 @@ def encode_xfer_begin(m: XferBegin) -> bytes:
 
 def decode_xfer_begin(payload: bytes | bytearray | memoryview) -> XferBegin:
     r = _Reader(payload, "XFER_BEGIN")
-    r.version()
-    kind = r.u8("kind")
-    opt = r.u8("options")
-    reserved = r.u8("reserved")
-    frame_flags = r.u16("frame_flags")
-    name_len = r.u16("name length")
-    chunk = r.u32("chunk_bytes")
-    mode = r.u32("mode")
-    transfer_id = r.u64("transfer_id")
-    length = r.u64("length")
-    wrap = r.u64("wrap_bytes")
-    if kind not in {k.value for k in XferKind}:
+    if len(payload) < _XFER_FIXED.size:
+        # Short payloads take the field-by-field path, whose error names the missing field.
+        r.version()
+        for field, read in (("kind", r.u8), ("options", r.u8), ("reserved", r.u8), ("frame_flags", r.u16),
+                            ("name length", r.u16), ("chunk_bytes", r.u32), ("mode", r.u32),
+                            ("transfer_id", r.u64), ("length", r.u64), ("wrap_bytes", r.u64)):
+            read(field)
+    # Every announcement is parsed on the receive path of a small transfer: one unpack of the fixed
+    # part instead of a call per field.
+    (version, kind, opt, reserved, frame_flags, name_len, chunk, mode, transfer_id, length,
+     wrap) = _XFER_FIXED.unpack_from(r.take(_XFER_FIXED.size, "fixed fields"))
+    if version != MSG_VERSION:
+        raise ProtocolError(f"unsupported XFER_BEGIN format version {version} (this side understands "
+                            f"{MSG_VERSION}); upgrade the older end", code=-2)
+    if kind not in _XFER_KIND_VALUES:
         raise r.fail(f"unknown transfer kind {kind}")
     if opt & ~XFER_FLAG_HAS_MODE:
         raise r.fail(f"unknown option bits 0x{opt:02x}")
@@ -474,7 +482,7 @@ def decode_xfer_begin(payload: bytes | bytearray | memoryview) -> XferBegin:
         raise r.fail(f"file mode 0o{mode:o} invalid (max 0o{MAX_FILE_MODE:o}, only with the flag)")
     name = r.text(name_len, "name")
     r.end()
-    return XferBegin(transfer_id=transfer_id, length=length, chunk_bytes=chunk, kind=XferKind(kind),
+    return XferBegin(transfer_id=transfer_id, length=length, chunk_bytes=chunk, kind=_XFER_KINDS[kind],
                      wrap_bytes=wrap, frame_flags=frame_flags, name=name,
                      mode=mode if has_mode else None)
 

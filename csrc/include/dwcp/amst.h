@@ -43,6 +43,10 @@ typedef struct dwcp_set_opts {
     int control_fd;  /* the session's control connection, or -1 */
     int io_threads;  /* threads driving large transfers: 0 = as many as usable CPUs; capped at the
                         number of data streams and DWCP_MAX_IO_THREADS */
+    int busy_poll_us; /* a call on a small transfer (< DWCP_MT_MIN_BYTES) or waiting for a control
+                         frame polls without sleeping for up to this long in all before it sleeps
+                         (0..1000000; 0 = never): waking a sleeping task costs more than a small
+                         transfer's round trip on a VM */
 } dwcp_set_opts;
 
 enum dwcp_zerocopy_mode {
