@@ -855,6 +855,8 @@ static int tx_has_work(const wctx *c, const lnk *t)
            begin_only_needed(x);
 }
 
+static void link_read(wctx *c, lnk *t);
+
 /* One send step of everything t has queued. Returns -1 if the link died, 0 if it would block, 1 to go
  * on. */
 static int tx_step(wctx *c, lnk *t)
@@ -946,7 +948,12 @@ static int tx_step(wctx *c, lnk *t)
             t->writable = 0;
             return 0;
         }
-        link_die(c, t, errno);
+        /* The peer may have said why before it went away (an ABORT ahead of its FIN): what it sent
+         * is still queued on our side of the reset connection, so read it before the link goes. */
+        int e = errno;
+        t->readable = t->hup = 1;
+        link_read(c, t);
+        link_die(c, t, e);
         return -1;
     }
     if (zc && n > 0) {

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from dwcp._lazy import lazy_attr
 from dwcp.errors import (AdmissionDenied, AuthError, CapabilityError, ConfigError, DWCPError,
                          InsufficientBandwidth, PeerClosedError, ProtocolError, SessionClosedError,
-                         TransferTimeout, TransportError)
+                         TransferAborted, TransferTimeout, TransportError)
 
 if TYPE_CHECKING:
     from dwcp._features import feature_report
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdmissionDenied", "AuthError", "BufferTooSmall", "CapabilityError", "ConfigError", "DWCPError",
     "InsufficientBandwidth", "Listener", "PeerClosedError", "ProtocolError", "Session",
-    "SessionClosedError", "TransferTimeout", "TransportError", "__version__", "backend",
+    "SessionClosedError", "TransferAborted", "TransferTimeout", "TransportError", "__version__", "backend",
     "backend_features", "connect", "feature_report", "listen",
 ]
 

@@ -55,6 +55,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:7.0f} Bytes"
 
 
+def _io_threads_option(f: Any) -> Any:
+    return click.option("-T", "--io-threads", "io_threads", type=click.IntRange(0, 64), default=0,
+                        show_default=True,
+                        help="Threads the engine drives a large transfer with (0: one per usable CPU, "
+                             "never more than streams).")(f)
+
+
 def _key_options(f: Any) -> Any:
     f = click.option("--insecure", is_flag=True,
                      help="Run without authentication (both ends must say so).")(f)
@@ -111,12 +118,13 @@ def main() -> None:
               help=f"Address to listen on: HOST, HOST:PORT, or :PORT for all (port {DEFAULT_PORT} "
                    "unless given).")
 @click.option("--once", is_flag=True, help="Exit after serving one client.")
+@_io_threads_option
 @_key_options
-def server(bind: str, once: bool, key_file: str | None, insecure: bool) -> None:
+def server(bind: str, once: bool, io_threads: int, key_file: str | None, insecure: bool) -> None:
     """Receive benchmark traffic from `dwcp-bench client`."""
     try:
         lis = dwcp.listen(parse_address(bind, default_port=DEFAULT_PORT), key_file=key_file,
-                          insecure=insecure)
+                          insecure=insecure, io_threads=io_threads)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     host, port = lis.address
@@ -196,14 +204,14 @@ class _Progress:
 
 def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int,
                interval_s: float, key: bytes | str | None, key_file: str | None, insecure: bool,
-               quiet: bool) -> dict[str, Any]:
+               quiet: bool, io_threads: int = 0) -> dict[str, Any]:
     tty = sys.stdout.isatty() and not quiet
     buffer_bytes = max(chunk_bytes, buffer_bytes // chunk_bytes * chunk_bytes)
     # Incompressible bytes, so nothing below us (or a future compressing path) flatters the figure.
     pattern = os.urandom(min(buffer_bytes, 1 << 20))
     buf = bytearray((pattern * (buffer_bytes // len(pattern) + 1))[:buffer_bytes])
     with dwcp.connect(addr, key=key, key_file=key_file, insecure=insecure, streams=streams,
-                      chunk_bytes=chunk_bytes, timeout_s=max(10.0, seconds)) as s:
+                      chunk_bytes=chunk_bytes, timeout_s=max(10.0, seconds), io_threads=io_threads) as s:
         if not quiet:
             click.echo(f"Connecting to {addr}: {s.params.streams} streams, chunk {s.params.chunk_bytes} B, "
                        f"checksum {s.params.checksum}, backend {s.backend}, zero-copy "
@@ -231,6 +239,7 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
         "bytes": moved,
         "seconds": elapsed,
         "streams": stats["streams"],
+        "io_threads": stats["io_threads"],
         "chunk_bytes": stats["chunk_bytes"],
         "buffer_bytes": buffer_bytes,
         "checksum": stats["checksum"],
@@ -300,6 +309,7 @@ def print_summary(r: dict[str, Any]) -> None:
 
 
 def _client_options(f: Any) -> Any:
+    f = _io_threads_option(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(f)
     f = click.option("-i", "--interval", "interval_s", type=click.FloatRange(min=0.1), default=1.0,
                      show_default=True, help="Seconds between interval reports.")(f)
@@ -339,7 +349,7 @@ def client_address(host: str, port: int | None) -> tuple[str, int]:
 @_client_options
 @_key_options
 def client(host: str, port: int | None, streams: int, seconds: float, chunk_bytes: int,
-           buffer_bytes: int, interval_s: float, as_json: bool, key_file: str | None,
+           buffer_bytes: int, interval_s: float, as_json: bool, io_threads: int, key_file: str | None,
            insecure: bool) -> None:
     """Send to a `dwcp-bench server` at HOST (HOST:PORT, or HOST with -p PORT)."""
     try:
@@ -347,7 +357,7 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
         addr = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
         result = run_client(addr, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=None, key_file=key_file,
-                            insecure=insecure, quiet=as_json)
+                            insecure=insecure, quiet=as_json, io_threads=io_threads)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _emit(result, as_json)
@@ -356,12 +366,13 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
 @main.command()
 @_client_options
 def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, interval_s: float,
-             as_json: bool) -> None:
+             as_json: bool, io_threads: int) -> None:
     """Run a server in a child process on 127.0.0.1 and measure against it (random in-process key)."""
     key = secrets.token_hex(32)
     env = dict(os.environ, DWCP_KEY=key)  # never on the command line, where `ps` would show it
     proc = subprocess.Popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", "127.0.0.1:0",
-                             "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                             "--once", "-T", str(io_threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -371,7 +382,7 @@ def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, 
         port = int(line.rsplit(":", 1)[1])
         result = run_client(f"127.0.0.1:{port}", streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=key, key_file=None,
-                            insecure=False, quiet=as_json)
+                            insecure=False, quiet=as_json, io_threads=io_threads)
         result["mode"] = "loopback"
     except DWCPError as e:
         raise click.ClickException(str(e)) from e

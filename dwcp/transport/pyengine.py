@@ -447,7 +447,7 @@ class _SendTransfer(_Transfer):
     def _frame(self, st: _Stream, k: int) -> _OutFrame:
         size = self.layout.chunk_size(k)
         payload = self.layout.chunk_view(k, size)
-        h = Header(type=FrameType.DATA, flags=self.csum_flags | self.frame_flags, stream=st.index,
+        h = Header(type=FrameType.DATA, flags=self.csum_flags | self.frame_flags, stream=st.wire,
                    length=size, transfer_id=self.transfer_id, offset=k * self.layout.chunk_bytes,
                    checksum=payload_checksum(self.csum_flags, payload))
         self._hand_to(st, k)
@@ -1351,7 +1351,12 @@ class PyStreamSet:
         except _WOULD_BLOCK:
             pass
         except (OSError, ssl.SSLError) as e:
-            self._die(st, xfer, _StreamDied(f"send failed: {e}", errno=e.errno or 0, error=e))
+            # The peer may have said why before it went away (an ABORT ahead of its FIN): what it sent
+            # is still queued on our side of the reset connection, so read it before the link goes.
+            if st.alive:
+                self._read(st, xfer)
+            if st.alive:
+                self._die(st, xfer, _StreamDied(f"send failed: {e}", errno=e.errno or 0, error=e))
         self._stat("bytes_wire", moved)
         return moved
 
