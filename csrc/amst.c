@@ -73,7 +73,8 @@
 #define RX_BUDGET_BYTES (4u << 20) /* per link per loop: keeps links fair and ACKs flowing */
 #define TX_BUDGET_FRAMES 8
 #define ZC_PROBE_RANGES 8 /* completions looked at before deciding the kernel always copies */
-#define INBOX_MAX 16      /* control frames a peer may have outstanding; more is a protocol error */
+#define INBOX_MAX 16
+#define ACK_FLUSH_BATCH 16 /* ACKs a receiving link holds back before it writes them */      /* control frames a peer may have outstanding; more is a protocol error */
 #define PROGRESS_PUBLISH_NS 1000000
 
 enum { RX_HDR = 0, RX_DEST, RX_DISCARD, RX_CTL };
@@ -107,6 +108,8 @@ typedef struct lnk {
     size_t carry_len, carry_off;
     uint8_t *wq;
     size_t wq_len, wq_off, wq_cap;
+    unsigned wq_acks;  /* ACKs queued since the last flush; wq_urgent: something else is queued */
+    int wq_urgent;
     int tx_active;
     uint64_t tx_chunk;
     uint8_t tx_hdr[DWCP_HEADER_BYTES];
@@ -189,6 +192,14 @@ struct dwcp_streams {
     uint64_t last_errno, last_failed_stream, truncated_at, streams_failed; /* atomic */
 };
 
+/* An ACK or NACK waiting for the thread that can send it (receiver): on link via when that is alive,
+ * else on any live link. */
+struct pending {
+    uint64_t chunk;
+    uint8_t type;
+    int via;
+};
+
 /* A duplicate dropped because another link was writing the chunk (receiver). */
 typedef struct drop_note {
     uint64_t chunk;
@@ -219,8 +230,9 @@ typedef struct xfer {
     int begun_links;     /* atomic: live links that carried XFER_BEGIN of this transfer */
     drop_note *drops;
     size_t ndrops, drops_cap; /* ndrops read atomically */
-    uint64_t *nacks;          /* receiver: NACKs no link of the thread that needed them could carry */
-    size_t nnacks, nacks_cap; /* nnacks read atomically */
+    struct pending *pend;     /* receiver: ACK/NACKs for another thread's links, or that no link of
+                                 the thread that needed them could carry */
+    size_t npend, pend_cap;   /* npend read atomically */
     uint64_t touched;         /* receiver: 1 + highest chunk started (atomic max) */
     uint64_t ndone, done_bytes; /* atomic: chunks acknowledged (sender) / verified (receiver) */
     int got_done;             /* atomic */
@@ -429,6 +441,8 @@ static void wq_trim(lnk *t)
 {
     if (!wq_pending(t)) {
         t->wq_len = t->wq_off = 0;
+        t->wq_acks = 0;
+        t->wq_urgent = 0;
         return;
     }
     size_t pos = 0;
@@ -437,6 +451,8 @@ static void wq_trim(lnk *t)
     t->wq_len = pos;
     if (t->wq_off == t->wq_len)
         t->wq_len = t->wq_off = 0;
+    t->wq_acks = 0;
+    t->wq_urgent = wq_pending(t); /* the rest of a frame already started must not wait */
 }
 
 /* ---------------------------------------------------------------- link death */
@@ -469,6 +485,8 @@ static void mark_dead(dwcp_streams *s, lnk *t, int err)
         DWCP_SET(s->last_errno, err);
     carry_free(t);
     t->wq_len = t->wq_off = 0;
+    t->wq_acks = 0;
+    t->wq_urgent = 0;
     t->tx_active = 0;
     t->tx_sent = 0;
     t->rb_head = t->rb_tail = 0;
@@ -481,39 +499,66 @@ static void rq_push(xfer *x, uint64_t c, int front);
 static int drop_take(xfer *x, uint64_t c);
 static int ctl_push(lnk *t, uint8_t type, uint64_t tid, uint64_t offset);
 
-/* Queue a NACK for chunk c on a live link this thread drives (preferably via), else leave it to the
- * other threads. */
-static void nack_somewhere(wctx *c, uint64_t chunk, int via)
+static int pend_add(xfer *x, uint8_t type, uint64_t chunk, int via)
+{
+    pthread_mutex_lock(&x->mu);
+    if (x->npend == x->pend_cap) {
+        size_t cap = x->pend_cap ? x->pend_cap * 2 : 16;
+        struct pending *p = realloc(x->pend, cap * sizeof *p);
+        if (!p) {
+            pthread_mutex_unlock(&x->mu);
+            return DWCP_E_NOMEM;
+        }
+        x->pend = p;
+        x->pend_cap = cap;
+    }
+    x->pend[x->npend] = (struct pending){.chunk = chunk, .type = type, .via = via};
+    __atomic_store_n(&x->npend, x->npend + 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&x->mu);
+    return 0;
+}
+
+/* Send an ACK or NACK for chunk c on link via while it lives (the sender holds the chunk as
+ * outstanding there), else on any live link; a link another thread drives gets it through that
+ * thread (drain_pending). */
+static void answer_somewhere(wctx *c, uint8_t type, uint64_t chunk, int via)
 {
     dwcp_streams *s = c->s;
     xfer *x = c->x;
     lnk *target = NULL;
-    if (via >= 0 && is_alive(&s->l[via]) && owns(c, &s->l[via]))
+    if (via >= 0 && is_alive(&s->l[via])) {
+        if (!owns(c, &s->l[via])) {
+            if (pend_add(x, type, chunk, via) < 0)
+                set_state(c, DWCP_E_NOMEM);
+            wake_others(c);
+            return;
+        }
         target = &s->l[via];
+    }
     for (int i = 0; !target && i < s->nl; i++)
         if (is_alive(&s->l[i]) && owns(c, &s->l[i]))
             target = &s->l[i];
     if (target) {
-        if (ctl_push(target, DWCP_T_NACK, x->o->transfer_id, chunk * x->chunk) < 0)
+        if (ctl_push(target, type, x->o->transfer_id, chunk * x->chunk) < 0)
             set_state(c, DWCP_E_NOMEM);
         return;
     }
-    pthread_mutex_lock(&x->mu);
-    if (x->nnacks == x->nacks_cap) {
-        size_t cap = x->nacks_cap ? x->nacks_cap * 2 : 16;
-        uint64_t *p = realloc(x->nacks, cap * sizeof *p);
-        if (!p) {
-            pthread_mutex_unlock(&x->mu);
-            set_state(c, DWCP_E_NOMEM);
-            return;
-        }
-        x->nacks = p;
-        x->nacks_cap = cap;
-    }
-    x->nacks[x->nnacks] = chunk;
-    __atomic_store_n(&x->nnacks, x->nnacks + 1, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&x->mu);
+    if (pend_add(x, type, chunk, -1) < 0)
+        set_state(c, DWCP_E_NOMEM);
     wake_others(c);
+}
+
+/* The NACKs a dying link had not finished writing: the sender still waits on their chunks. */
+static size_t unsent_nacks(const lnk *t, uint64_t chunk_bytes, uint64_t *out, size_t cap)
+{
+    size_t n = 0, pos = 0;
+    while (pos + DWCP_HEADER_BYTES <= t->wq_len) {
+        size_t end = pos + DWCP_HEADER_BYTES + dwcp_ld32(t->wq + pos + 12);
+        if (end > t->wq_off && t->wq[pos + 5] == DWCP_T_NACK && n < cap)
+            out[n++] = dwcp_ld64(t->wq + pos + 24) / chunk_bytes;
+        pos = end;
+    }
+    return n;
 }
 
 /* A link died: give its chunks back (sender) or forget its half-written chunk (receiver). err > 0 is
@@ -527,6 +572,8 @@ static void link_die(wctx *c, lnk *t, int err)
     int in_flight = t->rx_mode == RX_DEST;
     uint64_t rx_chunk = t->rx_chunk;
     int had_begin = x && t->begun && t->begun_tid == x->o->transfer_id;
+    uint64_t renack[64];
+    size_t nrenack = x && !x->sender ? unsent_nacks(t, x->chunk, renack, 64) : 0;
     mark_dead(s, t, err > 0 ? err : 0);
     if (err < 0) {
         if (x)
@@ -536,6 +583,8 @@ static void link_die(wctx *c, lnk *t, int err)
     }
     if (!x)
         return;
+    for (size_t i = 0; i < nrenack; i++)
+        answer_somewhere(c, DWCP_T_NACK, renack[i], -1);
     uint16_t me = (uint16_t)(t->idx + 1);
     if (x->sender) {
         if (had_begin)
@@ -554,19 +603,16 @@ static void link_die(wctx *c, lnk *t, int err)
         pthread_mutex_unlock(&x->mu);
     } else if (in_flight && st_get(x, rx_chunk) == me) {
         uint16_t *slot = st_ref(x, rx_chunk);
-        if (slot)
-            st_cas(slot, me, 0);
         int via = -1;
-        if (__atomic_load_n(&x->ndrops, __ATOMIC_ACQUIRE)) {
-            pthread_mutex_lock(&x->mu);
+        pthread_mutex_lock(&x->mu); /* against rx_header noting a dropped copy meanwhile */
+        if (slot && st_cas(slot, me, 0))
             via = drop_take(x, rx_chunk);
-            pthread_mutex_unlock(&x->mu);
-        }
+        pthread_mutex_unlock(&x->mu);
         if (via >= 0) {
             /* A copy of this chunk arrived on another link meanwhile and was dropped; the sender
              * counts that copy as outstanding on a live link and will not resend on its own, so
              * ask for it ("offset = chunk to send again"), preferably where the copy came in. */
-            nack_somewhere(c, rx_chunk, via);
+            answer_somewhere(c, DWCP_T_NACK, rx_chunk, via);
         }
     }
     c->again = 1;
@@ -978,8 +1024,11 @@ static int tx_step(wctx *c, lnk *t)
             }
         } else {
             t->wq_off += take;
-            if (t->wq_off == t->wq_len)
+            if (t->wq_off == t->wq_len) {
                 t->wq_off = t->wq_len = 0;
+                t->wq_acks = 0;
+                t->wq_urgent = 0;
+            }
         }
     }
     if ((size_t)n < want) {
@@ -1016,7 +1065,21 @@ static void link_write(wctx *c, lnk *t)
 
 static int ctl_push(lnk *t, uint8_t type, uint64_t tid, uint64_t offset)
 {
+    if (type == DWCP_T_ACK)
+        t->wq_acks++;
+    else
+        t->wq_urgent = 1;
     return wq_frame(t, type, tid, offset, NULL, 0);
+}
+
+/* Whether a receiving link's queue should go out now. ACKs wait for a batch (or for the thread to run
+ * out of work, see flush_idle): each send of them costs a syscall here and, on loopback, the sender's
+ * TCP receive path and often a wakeup of the sending thread, while the sender needs them only to free
+ * its chunk state and to finish -- it keeps sending meanwhile. Anything else (NACK, DONE, a control
+ * frame, the tail of a cut-off frame) goes at once. */
+static int rx_wants_write(const lnk *t)
+{
+    return t->carry || t->wq_urgent || t->wq_acks >= ACK_FLUSH_BATCH;
 }
 
 /* An ACK, NACK or DONE on link t while this side sends transfer x. */
@@ -1184,7 +1247,24 @@ static int rx_header(wctx *c, lnk *t, const dwcp_frame *f)
         return DWCP_E_NOMEM;
     uint16_t me = (uint16_t)(t->idx + 1);
     uint16_t v = 0;
-    if (__atomic_compare_exchange_n(slot, &v, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    int mine = __atomic_compare_exchange_n(slot, &v, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    if (!mine && v != ST_DONE) {
+        /* Another link is writing it. Decide under the mutex that link_die takes to give a dead
+         * writer's chunk back: either the writer is gone (take the chunk), or this drop is noted
+         * before the writer can die, so its death asks the sender for the chunk again. */
+        pthread_mutex_lock(&x->mu);
+        v = 0;
+        mine = __atomic_compare_exchange_n(slot, &v, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+        if (!mine && v != ST_DONE) {
+            int rc = drop_note_add(x, ch, t->idx);
+            if (rc < 0) {
+                pthread_mutex_unlock(&x->mu);
+                return rc;
+            }
+        }
+        pthread_mutex_unlock(&x->mu);
+    }
+    if (mine) {
         uint64_t seen = __atomic_load_n(&x->touched, __ATOMIC_RELAXED);
         while (ch + 1 > seen &&
                !__atomic_compare_exchange_n(&x->touched, &seen, ch + 1, 1, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
@@ -1198,13 +1278,6 @@ static int rx_header(wctx *c, lnk *t, const dwcp_frame *f)
      * destination. */
     t->rx_mode = RX_DISCARD;
     t->rx_dup_ack = v == ST_DONE;
-    if (v != ST_DONE) {
-        pthread_mutex_lock(&x->mu);
-        int rc = drop_note_add(x, ch, t->idx);
-        pthread_mutex_unlock(&x->mu);
-        if (rc < 0)
-            return rc;
-    }
     return 0;
 }
 
@@ -1354,9 +1427,10 @@ static int payload_done(wctx *c, lnk *t)
     if (mode == RX_DEST) {
         uint64_t ch = t->rx_chunk;
         uint64_t tid = x->o->transfer_id;
+        int via = -1;
         if (__atomic_load_n(&x->ndrops, __ATOMIC_ACQUIRE)) {
             pthread_mutex_lock(&x->mu);
-            drop_take(x, ch); /* settled by the ACK or NACK below */
+            via = drop_take(x, ch); /* settled by the ACK or NACK below */
             pthread_mutex_unlock(&x->mu);
         }
         uint16_t *slot = st_ref(x, ch);
@@ -1367,6 +1441,10 @@ static int payload_done(wctx *c, lnk *t)
             __atomic_fetch_add(&x->ndone, 1, __ATOMIC_ACQ_REL);
             DWCP_ADD(c->w->st.chunks, 1);
             DWCP_ADD(c->w->st.bytes_payload, t->rx_len);
+            /* A copy dropped on another link is what the sender now waits on there (it re-sent the
+             * chunk after losing this link's end, whose ACK may never reach it): ACK there too. */
+            if (via >= 0 && via != t->idx)
+                answer_somewhere(c, DWCP_T_ACK, ch, via);
             return ctl_push(t, DWCP_T_ACK, tid, t->rx_f.offset);
         }
         __atomic_store_n(slot, (uint16_t)0, __ATOMIC_RELEASE);
@@ -1593,9 +1671,20 @@ static void serve_links(wctx *c)
             link_read(c, t);
         /* A receive that just completed writes nothing more here: the end of the call pushes DONE
          * behind the last ACK, and both leave in one send. */
-        if (c->x && !c->x->sender && xfer_complete(c->x))
+        if (c->x && !c->x->sender && (xfer_complete(c->x) || !rx_wants_write(t)))
             continue;
         if (is_alive(t) && t->writable && tx_has_work(c, t))
+            link_write(c, t);
+    }
+}
+
+/* A receiving thread about to wait writes every ACK it held back. */
+static void flush_idle(wctx *c)
+{
+    dwcp_streams *s = c->s;
+    for (int i = 0; i < s->nl; i++) {
+        lnk *t = &s->l[i];
+        if (owns(c, t) && is_alive(t) && t->writable && wq_pending(t))
             link_write(c, t);
     }
 }
@@ -1631,27 +1720,35 @@ static void push_truncates(wctx *c)
     c->again = 1;
 }
 
-static void drain_nacks(wctx *c)
+static void drain_pending(wctx *c)
 {
+    dwcp_streams *s = c->s;
     xfer *x = c->x;
+    int have_link = 0;
+    for (int i = 0; i < s->nl && !have_link; i++)
+        have_link = owns(c, &s->l[i]) && is_alive(&s->l[i]);
+    if (!have_link)
+        return; /* nothing this thread could carry them on: the others will */
+    struct pending mine[32];
+    size_t n = 0;
     pthread_mutex_lock(&x->mu);
-    size_t n = x->nnacks;
-    uint64_t *list = NULL;
-    if (n) {
-        list = malloc(n * sizeof *list);
-        if (list) {
-            memcpy(list, x->nacks, n * sizeof *list);
-            __atomic_store_n(&x->nnacks, 0, __ATOMIC_RELEASE);
-        }
+    size_t keep = 0;
+    int more = 0;
+    for (size_t i = 0; i < x->npend; i++) {
+        struct pending e = x->pend[i];
+        int ok = e.via < 0 || !is_alive(&s->l[e.via]) || owns(c, &s->l[e.via]);
+        if (ok && n < sizeof mine / sizeof *mine)
+            mine[n++] = e;
+        else
+            x->pend[keep++] = e;
+        more |= ok && n == sizeof mine / sizeof *mine;
     }
+    __atomic_store_n(&x->npend, keep, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&x->mu);
-    if (n && !list) {
-        set_state(c, DWCP_E_NOMEM);
-        return;
-    }
     for (size_t i = 0; i < n; i++)
-        nack_somewhere(c, list[i], -1);
-    free(list);
+        answer_somewhere(c, mine[i].type, mine[i].chunk, mine[i].via);
+    if (more)
+        c->again = 1; /* the rest of ours in the next round */
 }
 
 static void run_share(wctx *c)
@@ -1667,8 +1764,8 @@ static void run_share(wctx *c)
             return;
         if (x->sender && !c->trunc_pushed && __atomic_load_n(&x->truncated, __ATOMIC_ACQUIRE))
             push_truncates(c);
-        if (!x->sender && __atomic_load_n(&x->nnacks, __ATOMIC_ACQUIRE))
-            drain_nacks(c);
+        if (!x->sender && __atomic_load_n(&x->npend, __ATOMIC_ACQUIRE))
+            drain_pending(c);
         if (__atomic_load_n(&x->proto_err, __ATOMIC_RELAXED) == DWCP_E_NOMEM) {
             set_state(c, DWCP_E_NOMEM);
             return;
@@ -1704,6 +1801,8 @@ static void run_share(wctx *c)
         }
         int wait_ms = c->again ? 0 : (int)((wait_ns + 999999) / 1000000);
         c->again = 0;
+        if (wait_ms && !x->sender)
+            flush_idle(c);
         int rc = wait_events(c, wait_ms);
         if (rc) {
             set_state(c, rc);
@@ -1935,7 +2034,7 @@ static void xfer_free(xfer *x)
     free(x->pages);
     free(x->rq);
     free(x->drops);
-    free(x->nacks);
+    free(x->pend);
     pthread_mutex_destroy(&x->mu);
     pthread_mutex_destroy(&x->pmu);
 }

@@ -656,13 +656,17 @@ class _RecvTransfer(_Transfer):
             return
         k = st.rx_chunk
         self.writing.pop(k, None)
-        self.dropped.pop(k, None)  # settled by the ACK or NACK below
+        via = self.dropped.pop(k, None)  # settled by the ACK or NACK below
         good = not self.csum_flags or payload_checksum(self.csum_flags, st.rx_target) == h.checksum
         if good:
             if self.verified.add(k):
                 owner._stat("chunks")
                 owner._stat("bytes_payload", h.length)
             st.out.append(self.header(st, FrameType.ACK, h.offset))
+            if via is not None and via != st.index:
+                # The copy dropped there is what the sender now waits on (it re-sent the chunk after
+                # losing this stream's end, whose ACK may never reach it): ACK there too.
+                self._answer(FrameType.ACK, k, via)
             self._check_done()
         else:
             owner._stat("checksum_errors")
@@ -676,18 +680,27 @@ class _RecvTransfer(_Transfer):
             for s in self.owner._live():
                 s.out.append(self.header(s, FrameType.DONE, self.length))
 
+    def _answer(self, type: int, k: int, via: int, dead: _Stream | None = None) -> None:
+        """An ACK or NACK for chunk k on stream via while it lives (the sender holds the chunk as
+        outstanding there), else on any other live stream."""
+        live = [s for s in self.owner._live() if s is not dead]
+        if live:
+            target = next((s for s in live if s.index == via), live[0])
+            target.out.append(self.header(target, type, k * self.layout.chunk_bytes))
+
     def on_stream_dead(self, st: _Stream) -> None:
+        # NACKs it had not finished writing: the sender still waits on their chunks.
+        for f in st.out:
+            if f.type == FrameType.NACK and not f.done:
+                self._answer(FrameType.NACK, decode_header(f.header, 0).offset // self.layout.chunk_bytes,
+                             -1, st)
         for k in [k for k, i in self.writing.items() if i == st.index]:
             del self.writing[k]   # back to EMPTY: another stream's copy may now be written
             if k in self.dropped:
                 # A copy that arrived on another stream meanwhile was dropped (this one was being
                 # written). The sender holds that copy as outstanding on a live stream and will not
                 # send it again by itself: ask for it with a NACK ("offset = chunk to send again").
-                via = self.dropped.pop(k)
-                live = [s for s in self.owner._live() if s is not st]
-                if live:
-                    target = next((s for s in live if s.index == via), live[0])
-                    target.out.append(self.header(target, FrameType.NACK, k * self.layout.chunk_bytes))
+                self._answer(FrameType.NACK, k, self.dropped.pop(k), st)
 
     def complete(self) -> bool:
         # Return only once DONE (and any ACKs) left on every live stream: the sender may need them.

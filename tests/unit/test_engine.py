@@ -507,6 +507,32 @@ def test_receiver_asks_again_for_a_chunk_whose_writer_died() -> None:
         s.close()
 
 
+def test_receiver_acks_a_dropped_copy_where_the_sender_waits_for_it() -> None:
+    # Chunk 0 is being written from stream 0 when a re-sent copy arrives on stream 1 and is dropped;
+    # then stream 0's copy completes. The sender re-sent the chunk because it lost stream 0's end, so
+    # an ACK on stream 0 may never reach it: the chunk is acknowledged on stream 1 as well.
+    a, b = tcp_pairs(2)
+    chunk = 1000
+    data = bytes(pattern(2 * chunk))
+    dst = bytearray(2 * chunk)
+    with StreamSet([s.fileno() for s in b]) as rx_set:
+        rx = Background(lambda: rx_set.recv_into(dst, transfer_id=1, length=2 * chunk, chunk_bytes=chunk,
+                                                 csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+        first = _data_frame(0, 1, 0, data[:chunk])
+        a[0].sendall(first[:48 + 500])
+        time.sleep(0.1)
+        a[1].sendall(_data_frame(1, 1, 0, data[:chunk]) + _data_frame(1, 1, chunk, data[chunk:]))
+        time.sleep(0.1)
+        a[0].sendall(first[48 + 500:])
+        seen = []
+        while not seen or seen[-1][1] != FrameType.DONE:
+            seen.append(_read_frame(a[1]))
+        assert (FrameType.ACK, 0) in [f[1::5] for f in seen], seen
+        assert rx.result() == 2 * chunk and dst == data
+    for s in a + b:
+        s.close()
+
+
 def _read_exact(sock: socket.socket, n: int) -> bytes:
     sock.settimeout(10)
     out = bytearray()
