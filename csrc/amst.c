@@ -160,6 +160,8 @@ struct dwcp_streams {
     int nl; /* links: n, plus the control connection */
     int T;  /* threads a large transfer uses (worker 0 is the caller) */
     int64_t busy_poll_ns; /* per call, for small transfers and control waits */
+    int sndbuf_set;       /* SO_SNDBUF given to the links (0: the kernel's autotuning) */
+    uint32_t path_rtt_us; /* the largest smoothed RTT of the links when they were sized (auto mode) */
     lnk *l;
     worker *w;
     int solo_ep, solo_evfd;
@@ -2348,6 +2350,39 @@ static void free_set(dwcp_streams *s)
     free(s);
 }
 
+/* The send buffers (dwcp_set_opts.sndbuf_bytes). Auto mode reads each link's smoothed RTT, which the
+ * handshake and JOIN round trips have already sampled; one slow link keeps the kernel's sizing for
+ * all (they share the path). */
+static void size_send_buffers(dwcp_streams *s, int want)
+{
+    if (want < 0)
+        return;
+    if (want == 0) {
+        for (int i = 0; i < s->nl; i++) {
+            struct tcp_info ti;
+            socklen_t len = sizeof ti;
+            memset(&ti, 0, sizeof ti);
+            if (getsockopt(s->l[i].fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || ti.tcpi_rtt == 0)
+                return;
+            if (ti.tcpi_rtt > s->path_rtt_us)
+                s->path_rtt_us = ti.tcpi_rtt;
+        }
+        if (s->path_rtt_us >= DWCP_LAN_RTT_US)
+            return;
+        want = DWCP_LAN_SNDBUF_BYTES;
+    }
+    for (int i = 0; i < s->nl; i++)
+        setsockopt(s->l[i].fd, SOL_SOCKET, SO_SNDBUF, &want, sizeof want); /* advice: errors harmless */
+    s->sndbuf_set = want;
+}
+
+int dwcp_streams_sndbuf(const dwcp_streams *s, uint32_t *path_rtt_us)
+{
+    if (path_rtt_us)
+        *path_rtt_us = s ? s->path_rtt_us : 0;
+    return s ? s->sndbuf_set : 0;
+}
+
 static int add_fd(int ep, int fd, uint32_t id)
 {
     struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u32 = id};
@@ -2431,6 +2466,7 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
     }
     s->n_alive = s->nl;
     s->n_alive_data = n;
+    size_send_buffers(s, opts ? opts->sndbuf_bytes : 0);
     DBG_ADD(g_live_sets, 1);
     return s;
 fail:

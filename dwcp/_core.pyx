@@ -240,7 +240,8 @@ cdef class StreamSet:
     ``control`` is the control connection's fd (its frames carry STREAM_CONTROL), or None.
     ``io_threads``: threads a large transfer uses (0 = one per usable CPU, at most one per stream).
     ``busy_poll_us``: how long a call on a small transfer, or waiting for a control frame, may poll
-    before it sleeps (see amst.h).
+    before it sleeps (see amst.h). ``sndbuf_bytes``: 0 caps the send buffers of short-RTT links
+    (loopback, LAN), -1 leaves the kernel's autotuning, > 0 sets them.
     The engine makes the sockets non-blocking and sets TCP_NODELAY; the fds stay yours: close them
     after close(). One call at a time per set, in either direction (late frames of the other
     direction are dropped as stale); transfer ids must grow per direction. Every call releases the
@@ -255,7 +256,7 @@ cdef class StreamSet:
     cdef object _last_recv_id
     cdef bytearray _ctl_buf
 
-    def __cinit__(self, fds, *, control=None, io_threads=0, busy_poll_us=0):
+    def __cinit__(self, fds, *, control=None, io_threads=0, busy_poll_us=0, sndbuf_bytes=0):
         cdef int *arr = NULL
         cdef int i
         cdef dwcp_set_opts opts
@@ -281,6 +282,11 @@ cdef class StreamSet:
         opts.control_fd = -1 if control is None else control
         opts.io_threads = io_threads
         opts.busy_poll_us = busy_poll_us
+        if isinstance(sndbuf_bytes, bool) or not isinstance(sndbuf_bytes, int) or \
+                not -1 <= sndbuf_bytes <= (1 << 30):
+            raise ConfigError(f"sndbuf_bytes must be -1 (kernel autotuning), 0 (auto) or a size up to 1 GiB, "
+                              f"got {sndbuf_bytes!r}")
+        opts.sndbuf_bytes = sndbuf_bytes
         arr = <int *>malloc(n * sizeof(int))
         if arr == NULL:
             raise MemoryError()
@@ -588,6 +594,16 @@ cdef class StreamSet:
     def count(self):
         """Data streams."""
         return self._n
+
+    @property
+    def sndbuf(self):
+        """(SO_SNDBUF given to the links or 0 if left to the kernel, largest link RTT in us measured
+        for that choice or 0)."""
+        cdef uint32_t rtt = 0
+        if self._s == NULL:
+            return (0, 0)
+        v = dwcp_streams_sndbuf(self._s, &rtt)
+        return (v, rtt)
 
     @property
     def io_threads(self):

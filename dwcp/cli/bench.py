@@ -56,6 +56,10 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _io_threads_option(f: Any) -> Any:
+    f = click.option("-w", "--sndbuf", "sndbuf_bytes", type=click.IntRange(-1, 1 << 30), default=0,
+                     show_default=True,
+                     help="Send buffer per connection in bytes: 0 = auto (1 MiB on paths under 200 us, "
+                          "else the kernel's autotuning), -1 = always the kernel's.")(f)
     return click.option("-T", "--io-threads", "io_threads", type=click.IntRange(0, 64), default=0,
                         show_default=True,
                         help="Threads the engine drives a large transfer with (0: one per usable CPU, "
@@ -120,11 +124,12 @@ def main() -> None:
 @click.option("--once", is_flag=True, help="Exit after serving one client.")
 @_io_threads_option
 @_key_options
-def server(bind: str, once: bool, io_threads: int, key_file: str | None, insecure: bool) -> None:
+def server(bind: str, once: bool, io_threads: int, sndbuf_bytes: int, key_file: str | None,
+           insecure: bool) -> None:
     """Receive benchmark traffic from `dwcp-bench client`."""
     try:
         lis = dwcp.listen(parse_address(bind, default_port=DEFAULT_PORT), key_file=key_file,
-                          insecure=insecure, io_threads=io_threads)
+                          insecure=insecure, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     host, port = lis.address
@@ -204,14 +209,15 @@ class _Progress:
 
 def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int,
                interval_s: float, key: bytes | str | None, key_file: str | None, insecure: bool,
-               quiet: bool, io_threads: int = 0) -> dict[str, Any]:
+               quiet: bool, io_threads: int = 0, sndbuf_bytes: int = 0) -> dict[str, Any]:
     tty = sys.stdout.isatty() and not quiet
     buffer_bytes = max(chunk_bytes, buffer_bytes // chunk_bytes * chunk_bytes)
     # Incompressible bytes, so nothing below us (or a future compressing path) flatters the figure.
     pattern = os.urandom(min(buffer_bytes, 1 << 20))
     buf = bytearray((pattern * (buffer_bytes // len(pattern) + 1))[:buffer_bytes])
     with dwcp.connect(addr, key=key, key_file=key_file, insecure=insecure, streams=streams,
-                      chunk_bytes=chunk_bytes, timeout_s=max(10.0, seconds), io_threads=io_threads) as s:
+                      chunk_bytes=chunk_bytes, timeout_s=max(10.0, seconds), io_threads=io_threads,
+                      sndbuf_bytes=sndbuf_bytes) as s:
         if not quiet:
             click.echo(f"Connecting to {addr}: {s.params.streams} streams, chunk {s.params.chunk_bytes} B, "
                        f"checksum {s.params.checksum}, backend {s.backend}, zero-copy "
@@ -240,6 +246,8 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
         "seconds": elapsed,
         "streams": stats["streams"],
         "io_threads": stats["io_threads"],
+        "sndbuf_bytes": stats["sndbuf_bytes"],
+        "path_rtt_us": stats["path_rtt_us"],
         "chunk_bytes": stats["chunk_bytes"],
         "buffer_bytes": buffer_bytes,
         "checksum": stats["checksum"],
@@ -349,15 +357,16 @@ def client_address(host: str, port: int | None) -> tuple[str, int]:
 @_client_options
 @_key_options
 def client(host: str, port: int | None, streams: int, seconds: float, chunk_bytes: int,
-           buffer_bytes: int, interval_s: float, as_json: bool, io_threads: int, key_file: str | None,
-           insecure: bool) -> None:
+           buffer_bytes: int, interval_s: float, as_json: bool, io_threads: int, sndbuf_bytes: int,
+           key_file: str | None, insecure: bool) -> None:
     """Send to a `dwcp-bench server` at HOST (HOST:PORT, or HOST with -p PORT)."""
     try:
         h, p = client_address(host, port)
         addr = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
         result = run_client(addr, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=None, key_file=key_file,
-                            insecure=insecure, quiet=as_json, io_threads=io_threads)
+                            insecure=insecure, quiet=as_json, io_threads=io_threads,
+                            sndbuf_bytes=sndbuf_bytes)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _emit(result, as_json)
@@ -366,12 +375,13 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
 @main.command()
 @_client_options
 def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, interval_s: float,
-             as_json: bool, io_threads: int) -> None:
+             as_json: bool, io_threads: int, sndbuf_bytes: int) -> None:
     """Run a server in a child process on 127.0.0.1 and measure against it (random in-process key)."""
     key = secrets.token_hex(32)
     env = dict(os.environ, DWCP_KEY=key)  # never on the command line, where `ps` would show it
     proc = subprocess.Popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", "127.0.0.1:0",
-                             "--once", "-T", str(io_threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--once", "-T", str(io_threads), "-w", str(sndbuf_bytes)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
                             env=env, text=True)
     try:
         assert proc.stdout is not None
@@ -382,7 +392,7 @@ def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, 
         port = int(line.rsplit(":", 1)[1])
         result = run_client(f"127.0.0.1:{port}", streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=key, key_file=None,
-                            insecure=False, quiet=as_json, io_threads=io_threads)
+                            insecure=False, quiet=as_json, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes)
         result["mode"] = "loopback"
     except DWCPError as e:
         raise click.ClickException(str(e)) from e

@@ -14,6 +14,7 @@ cdef extern from "dwcp/amst.h" nogil:
     ctypedef struct dwcp_set_opts:
         int control_fd
         int io_threads
+        int sndbuf_bytes
         int busy_poll_us
 
     ctypedef struct dwcp_streams:
@@ -59,6 +60,7 @@ cdef extern from "dwcp/amst.h" nogil:
 
     dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
     int dwcp_streams_io_threads(const dwcp_streams *s)
+    int dwcp_streams_sndbuf(const dwcp_streams *s, uint32_t *path_rtt_us)
     void dwcp_streams_free(dwcp_streams *s)
     int dwcp_streams_count(const dwcp_streams *s)
     int dwcp_streams_alive(const dwcp_streams *s, int i)

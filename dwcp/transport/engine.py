@@ -31,6 +31,9 @@ class StreamSetLike(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    @property
+    def sndbuf(self) -> tuple[int, int]: ...
+
     def alive(self) -> list[bool]: ...
 
     def alive_count(self) -> int: ...
@@ -47,13 +50,14 @@ class StreamSetLike(Protocol):
 
 
 def make_stream_set(socks: Sequence[socket.socket], *, control: socket.socket | None = None, backend: str,
-                    tls: bool, io_threads: int = 0, busy_poll_us: int = 0) -> tuple[StreamSetLike, str]:
+                    tls: bool, io_threads: int = 0, busy_poll_us: int = 0,
+                    sndbuf_bytes: int = 0) -> tuple[StreamSetLike, str]:
     """(engine, name): the C engine unless TLS or the caller asks for the Python one. ``control`` joins
     the session's control connection to the engine's links. The Python engine polls nothing
     (``busy_poll_us`` is for the C engine, which polls without holding the GIL)."""
     if tls or backend == "python":
         from dwcp.transport.pyengine import PyStreamSet
-        return PyStreamSet(list(socks), control=control), "python"
+        return PyStreamSet(list(socks), control=control, sndbuf_bytes=sndbuf_bytes), "python"
     from dwcp._core import StreamSet
     return StreamSet([s.fileno() for s in socks], control=None if control is None else control.fileno(),
-                     io_threads=io_threads, busy_poll_us=busy_poll_us), "c"
+                     io_threads=io_threads, busy_poll_us=busy_poll_us, sndbuf_bytes=sndbuf_bytes), "c"

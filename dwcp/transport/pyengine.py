@@ -775,7 +775,8 @@ class PyStreamSet:
     ``stats()``, ``alive()``, ``kill()``, ``interrupt()`` and ``close()`` may be called from other
     threads while a transfer runs."""
 
-    def __init__(self, socks: Sequence[socket.socket], *, control: socket.socket | None = None) -> None:
+    def __init__(self, socks: Sequence[socket.socket], *, control: socket.socket | None = None,
+                 sndbuf_bytes: int = 0) -> None:
         if not 1 <= len(socks) <= MAX_STREAMS:
             raise ConfigError(f"a stream set needs 1 to {MAX_STREAMS} sockets, got {len(socks)}")
         fds = [s.fileno() for s in [*socks, *([control] if control is not None else [])]]
@@ -815,6 +816,7 @@ class PyStreamSet:
                 pass  # not TCP (a Unix socketpair in a test): nothing to tune
             st.mask = selectors.EVENT_READ
             self._sel.register(st.sock, st.mask, st)
+        self.sndbuf = _size_send_buffers([st.sock for st in self._streams], sndbuf_bytes)
 
     # ---- public API --------------------------------------------------------------------------------
     def send(self, buffer: Buffer, *, transfer_id: int, chunk_bytes: int, csum_flags: int,
@@ -1426,6 +1428,38 @@ def _check_common(view: memoryview, *, transfer_id: int, length: int, chunk_byte
     if length > len(view) and (len(view) == 0 or len(view) % chunk_bytes):
         raise ConfigError(f"length {length} exceeds the {len(view)}-byte buffer: wrapping needs a "
                           f"buffer whose size is a non-zero multiple of chunk_bytes ({chunk_bytes})")
+
+
+_LAN_RTT_US = 200              # as DWCP_LAN_RTT_US / DWCP_LAN_SNDBUF_BYTES in amst.h
+_LAN_SNDBUF_BYTES = 512 << 10
+_TCPI_RTT_OFFSET = 68          # struct tcp_info: u32 tcpi_rtt (smoothed RTT, us)
+
+
+def _size_send_buffers(socks: list[socket.socket], want: int) -> tuple[int, int]:
+    """The C engine's rule (amst.h, dwcp_set_opts.sndbuf_bytes): 0 caps short-RTT paths' send buffers,
+    -1 leaves the kernel's autotuning, > 0 sets them. Returns (size given or 0, largest RTT seen)."""
+    if want < 0:
+        return 0, 0
+    path_rtt = 0
+    if want == 0:
+        for s in socks:
+            try:
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            except OSError:
+                return 0, 0   # not TCP (a Unix socketpair in a test): nothing to size
+            rtt = int.from_bytes(info[_TCPI_RTT_OFFSET:_TCPI_RTT_OFFSET + 4], "little") if len(info) >= 72 else 0
+            if rtt == 0:
+                return 0, 0
+            path_rtt = max(path_rtt, rtt)
+        if path_rtt >= _LAN_RTT_US:
+            return 0, path_rtt
+        want = _LAN_SNDBUF_BYTES
+    for s in socks:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
+        except OSError:
+            pass
+    return want, path_rtt
 
 
 def _shutdown(sock: socket.socket) -> None:

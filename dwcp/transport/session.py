@@ -73,7 +73,8 @@ class Session:
         self._engine, self.backend = make_stream_set(data, control=control, backend=options.backend,
                                                      tls=isinstance(control, ssl.SSLSocket),
                                                      io_threads=options.io_threads,
-                                                     busy_poll_us=options.busy_poll_us)
+                                                     busy_poll_us=options.busy_poll_us,
+                                                     sndbuf_bytes=options.sndbuf_bytes)
         self._zerocopy, self.zerocopy_reason = self._choose_zerocopy()
         self._tid_counter = 0
         self._last_recv_tid = 0
@@ -489,6 +490,8 @@ class Session:
             "streams_alive": alive,
             "control_alive": control_alive,
             "io_threads": self.io_threads,
+            "sndbuf_bytes": self._engine.sndbuf[0] if not self._closed else 0,
+            "path_rtt_us": self._engine.sndbuf[1] if not self._closed else 0,
             "chunk_bytes": self.params.chunk_bytes,
             "checksum": self.params.checksum,
             "version": self.params.version,

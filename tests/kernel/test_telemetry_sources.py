@@ -129,7 +129,8 @@ def bench_link(lab: Any, seconds: float = 2.5) -> dict[str, Any]:
         r = lab.a.run([sys.executable, "-m", "dwcp.cli.bench", "client", lab.b.addr, "-p", "5303", "-P", "4",
                        "-t", str(seconds), "--json"], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
-        return dict(json.loads(r.stdout)["link"])
+        out = json.loads(r.stdout)
+        return {**out["link"], "session_sndbuf_bytes": out["sndbuf_bytes"]}
     finally:
         server.wait(10)
 
@@ -138,6 +139,8 @@ def bench_link(lab: Any, seconds: float = 2.5) -> dict[str, Any]:
 def test_tier3_on_a_delay_line_link(wan_link: Callable[..., Any]) -> None:
     link = bench_link(wan_link(rtt_ms=30, rate_mbit=200))
     assert link["tier"] == 3, link
+    # A 30 ms path keeps the kernel's send-buffer autotuning (the cap is for short paths only).
+    assert link["session_sndbuf_bytes"] == 0, link
     assert 29_000 <= link["min_rtt_us"] <= 60_000
     assert link["bottleneck_bps"] < 1e9 and link["source"] in ("ebpf", "inet_diag", "tcp_info")
     assert link["time_to_decision_s"] is not None

@@ -34,6 +34,14 @@ extern "C" {
 /* Stream index the frames on the control connection carry once the handshake is over (data streams
  * use 0..N-1): every frame names the link it travels on, so a frame moved to another link is caught. */
 #define DWCP_STREAM_CONTROL 0xFFFFu
+/* Send buffers on short paths (see dwcp_set_opts.sndbuf_bytes). The kernel autotunes a loopback or
+ * LAN connection's send buffer up to tcp_wmem's maximum (4 MiB here) although its bandwidth-delay
+ * product is a few hundred KiB at most; with several streams the data queued in those buffers no
+ * longer fits the caches, and every byte goes through DRAM twice more (loopback, 4 streams: 29 ->
+ * 62 Gbit/s with this cap). 512 KiB asks for 1 MiB (the kernel doubles it), enough for 40 Gbit/s per
+ * stream at 200 us. */
+#define DWCP_LAN_RTT_US 200
+#define DWCP_LAN_SNDBUF_BYTES (512 << 10)
 /* Transfers at least this long (and with at least two chunks per thread) use the I/O threads. */
 #define DWCP_MT_MIN_BYTES (4u << 20)
 
@@ -43,6 +51,9 @@ typedef struct dwcp_set_opts {
     int control_fd;  /* the session's control connection, or -1 */
     int io_threads;  /* threads driving large transfers: 0 = as many as usable CPUs; capped at the
                         number of data streams and DWCP_MAX_IO_THREADS */
+    int sndbuf_bytes; /* send buffer of every link: 0 = auto (links with a smoothed RTT under
+                         DWCP_LAN_RTT_US get DWCP_LAN_SNDBUF_BYTES, others keep the kernel's
+                         autotuning), < 0 = leave the kernel's autotuning, > 0 = this size */
     int busy_poll_us; /* a call on a small transfer (< DWCP_MT_MIN_BYTES) or waiting for a control
                          frame polls without sleeping for up to this long in all before it sleeps
                          (0..1000000; 0 = never): waking a sleeping task costs more than a small
@@ -119,6 +130,9 @@ int dwcp_streams_alive(const dwcp_streams *s, int i);
 int dwcp_streams_alive_count(const dwcp_streams *s);
 /* Mark a link dead (i == count: the control link); the engine also shuts the socket down. */
 void dwcp_streams_kill(dwcp_streams *s, int i);
+/* The SO_SNDBUF the set gave its links (0: left to the kernel's autotuning) and, in auto mode, the
+ * largest smoothed RTT of its links at that moment (0 if not measured). */
+int dwcp_streams_sndbuf(const dwcp_streams *s, uint32_t *path_rtt_us);
 /* Snapshot of the counters. */
 void dwcp_streams_stats(const dwcp_streams *s, dwcp_stats *out);
 
