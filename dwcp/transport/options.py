@@ -95,7 +95,7 @@ class SessionOptions:
     server_hostname: str | None = None
     max_recv_bytes: int = 64 << 30
     io_threads: int = 0
-    recv_pool_bytes: int = 512 << 20
+    recv_pool_bytes: int = 1 << 30
     busy_poll_us: int = 200
     sndbuf_bytes: int = 0
     backend: str = field(default_factory=lambda: os.environ.get("DWCP_BACKEND", "c"))

@@ -82,9 +82,11 @@ class RecvPool:
         return buf
 
     def _trim(self) -> None:
-        total = sum(b.__alloc__() for b in self._bufs)
+        # Counted without the trailing NUL byte CPython allocates, so two results of half the cap
+        # both stay (the common loop `data = s.recv()` holds one while the next arrives).
+        total = sum(b.__alloc__() - 1 for b in self._bufs)
         while self._bufs and (len(self._bufs) > POOL_MAX_ENTRIES or total > self.max_bytes):
-            total -= self._bufs.pop(0).__alloc__()
+            total -= self._bufs.pop(0).__alloc__() - 1
 
     def clear(self) -> None:
         self._bufs.clear()
