@@ -67,4 +67,6 @@ def test_fds_threads_and_memory_stay_flat_across_1000_sessions(engine: str) -> N
     (fd0, th0, rss0), (fd1, th1, rss1) = marks.values()
     assert fd1 <= fd0, f"file descriptors grew from {fd0} to {fd1} over {sessions} sessions"
     assert th1 <= th0, f"threads grew from {th0} to {th1} over {sessions} sessions"
-    assert rss1 - rss0 < 32 << 20, f"memory grew by {(rss1 - rss0) >> 20} MiB over {sessions} sessions"
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        # (Under `make sanitize` ASan keeps freed memory in quarantine on purpose: RSS grows there.)
+        assert rss1 - rss0 < 32 << 20, f"memory grew by {(rss1 - rss0) >> 20} MiB over {sessions} sessions"
