@@ -1479,6 +1479,42 @@ static int recv_result(wctx *c, lnk *t, ssize_t n)
     return -1;
 }
 
+/* Whether t may be read now: it is readable and this visit's byte budget is not spent (then the loop
+ * comes back to it, after the other links). */
+static int may_read(wctx *c, const lnk *t, size_t budget)
+{
+    if (!t->readable)
+        return 0;
+    if (budget == 0) {
+        c->again = 1;
+        return 0;
+    }
+    return 1;
+}
+
+/* One non-blocking recvmsg on t into iov: bytes read (> 0), 0 to retry (EINTR), or -1 when reading
+ * stops for now (drained, or the link died). Accounts progress and the visit's budget, and clears
+ * the readiness flag on a short read. */
+static ssize_t link_recv(wctx *c, lnk *t, struct iovec *iov, int niov, size_t *budget)
+{
+    size_t want = 0;
+    for (int i = 0; i < niov; i++)
+        want += iov[i].iov_len;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)niov;
+    ssize_t n = recvmsg(t->fd, &msg, MSG_DONTWAIT);
+    int r = recv_result(c, t, n);
+    if (r <= 0)
+        return r;
+    progress(c, (size_t)n);
+    *budget = (size_t)n >= *budget ? 0 : *budget - (size_t)n;
+    if ((size_t)n < want && !t->hup)
+        t->readable = 0;
+    return n;
+}
+
 static void payload_bytes(lnk *t, const uint8_t *src, size_t n)
 {
     if (t->rx_mode == RX_DEST) {
@@ -1510,30 +1546,18 @@ static void link_read(wctx *c, lnk *t)
                 }
                 continue;
             }
-            if (!t->readable)
+            if (!may_read(c, t, budget))
                 return;
-            if (budget == 0) {
-                c->again = 1;
-                return;
-            }
             if (t->rb_head) {
                 memmove(t->rb, t->rb + t->rb_head, avail);
                 t->rb_head = 0;
                 t->rb_tail = avail;
             }
-            size_t want = RBUF_BYTES - t->rb_tail;
-            ssize_t n = recv(t->fd, t->rb + t->rb_tail, want, MSG_DONTWAIT);
-            int r = recv_result(c, t, n);
-            if (r <= 0) {
-                if (r < 0)
-                    return;
-                continue;
-            }
-            progress(c, (size_t)n);
-            budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
+            struct iovec iov = {.iov_base = t->rb + t->rb_tail, .iov_len = RBUF_BYTES - t->rb_tail};
+            ssize_t n = link_recv(c, t, &iov, 1, &budget);
+            if (n < 0)
+                return;
             t->rb_tail += (size_t)n;
-            if ((size_t)n < want && !t->hup)
-                t->readable = 0;
             continue;
         }
         uint64_t rem = t->rx_len - t->rx_got;
@@ -1544,12 +1568,8 @@ static void link_read(wctx *c, lnk *t)
             if (t->rb_head == t->rb_tail)
                 t->rb_head = t->rb_tail = 0;
         } else {
-            if (!t->readable)
+            if (!may_read(c, t, budget))
                 return;
-            if (budget == 0) {
-                c->again = 1;
-                return;
-            }
             struct iovec iov[2];
             if (t->rx_mode == RX_DEST) {
                 iov[0].iov_base = t->rx_dst + t->rx_got;
@@ -1568,28 +1588,15 @@ static void link_read(wctx *c, lnk *t)
                 iov[1].iov_len = RBUF_BYTES;
                 niov = 2;
             }
-            size_t want = iov[0].iov_len + (niov == 2 ? iov[1].iov_len : 0);
-            struct msghdr msg;
-            memset(&msg, 0, sizeof msg);
-            msg.msg_iov = iov;
-            msg.msg_iovlen = (size_t)niov;
-            ssize_t n = recvmsg(t->fd, &msg, MSG_DONTWAIT);
-            int r = recv_result(c, t, n);
-            if (r <= 0) {
-                if (r < 0)
-                    return;
-                continue;
-            }
-            progress(c, (size_t)n);
-            budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
+            ssize_t n = link_recv(c, t, iov, niov, &budget);
+            if (n < 0)
+                return;
             size_t pay = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
             if (t->rx_mode == RX_DEST)
                 dwcp_csum_update(&t->rx_sum, t->rx_dst + t->rx_got, pay);
             t->rx_got += pay;
             if (niov == 2)
                 t->rb_tail = (size_t)n - pay;
-            if ((size_t)n < want && !t->hup)
-                t->readable = 0;
         }
         if (t->rx_got == t->rx_len) {
             int rc = payload_done(c, t);

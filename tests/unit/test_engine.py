@@ -481,6 +481,18 @@ def test_next_transfer_frame_waits_for_the_next_call() -> None:
         s.close()
 
 
+def _copy_dropped_while_written(a: list[socket.socket], rx_set: StreamSet, data: bytes, dst: bytearray,
+                                chunk: int) -> Background:
+    """A receive of two chunks where chunk 0 is half written from stream 0 when a copy of it (and
+    chunk 1) arrives on stream 1: the copy is dropped, another live stream writes that chunk."""
+    rx = Background(lambda: rx_set.recv_into(dst, transfer_id=1, length=2 * chunk, chunk_bytes=chunk,
+                                             csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
+    a[0].sendall(_data_frame(0, 1, 0, data[:chunk])[:48 + 500])
+    time.sleep(0.1)
+    a[1].sendall(_data_frame(1, 1, 0, data[:chunk]) + _data_frame(1, 1, chunk, data[chunk:]))
+    return rx
+
+
 def test_receiver_asks_again_for_a_chunk_whose_writer_died() -> None:
     # Chunk 0 is being written from stream 0 when a re-sent copy arrives on stream 1 and is dropped
     # (another live stream writes it); then stream 0 dies mid-payload. The sender counts the dropped
@@ -490,11 +502,7 @@ def test_receiver_asks_again_for_a_chunk_whose_writer_died() -> None:
     data = bytes(pattern(2 * chunk))
     dst = bytearray(2 * chunk)
     with StreamSet([s.fileno() for s in b]) as rx_set:
-        rx = Background(lambda: rx_set.recv_into(dst, transfer_id=1, length=2 * chunk, chunk_bytes=chunk,
-                                                 csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
-        a[0].sendall(_data_frame(0, 1, 0, data[:chunk])[:48 + 500])
-        time.sleep(0.1)
-        a[1].sendall(_data_frame(1, 1, 0, data[:chunk]) + _data_frame(1, 1, chunk, data[chunk:]))
+        rx = _copy_dropped_while_written(a, rx_set, data, dst, chunk)
         assert _read_frame(a[1])[1::5] == (FrameType.ACK, chunk)  # the dropped copy is not ACKed
         a[0].shutdown(socket.SHUT_RDWR)
         assert _read_frame(a[1])[1::5] == (FrameType.NACK, 0)
@@ -516,14 +524,9 @@ def test_receiver_acks_a_dropped_copy_where_the_sender_waits_for_it() -> None:
     data = bytes(pattern(2 * chunk))
     dst = bytearray(2 * chunk)
     with StreamSet([s.fileno() for s in b]) as rx_set:
-        rx = Background(lambda: rx_set.recv_into(dst, transfer_id=1, length=2 * chunk, chunk_bytes=chunk,
-                                                 csum_flags=FLAG_CSUM_XXH3, timeout_s=20))
-        first = _data_frame(0, 1, 0, data[:chunk])
-        a[0].sendall(first[:48 + 500])
+        rx = _copy_dropped_while_written(a, rx_set, data, dst, chunk)
         time.sleep(0.1)
-        a[1].sendall(_data_frame(1, 1, 0, data[:chunk]) + _data_frame(1, 1, chunk, data[chunk:]))
-        time.sleep(0.1)
-        a[0].sendall(first[48 + 500:])
+        a[0].sendall(_data_frame(0, 1, 0, data[:chunk])[48 + 500:])
         seen = []
         while not seen or seen[-1][1] != FrameType.DONE:
             seen.append(_read_frame(a[1]))
