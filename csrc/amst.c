@@ -621,6 +621,22 @@ static void link_die(wctx *c, lnk *t, int err)
     wake_others(c);
 }
 
+/* Between calls (no engine thread runs): drop the "some kill is pending" flag once every requested
+ * kill has been applied, so later calls stop looking.  dwcp_streams_kill may run concurrently on any
+ * thread: it stores kill_req and then kills, so the flag is cleared first and the requests read after
+ * (both seq_cst): a request this scan misses is stored after it, and its kills=1 lands after our 0. */
+static void settle_kills(dwcp_streams *s)
+{
+    if (!__atomic_load_n(&s->kills, __ATOMIC_SEQ_CST))
+        return;
+    __atomic_store_n(&s->kills, 0, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < s->nl; i++)
+        if (is_alive(&s->l[i]) && __atomic_load_n(&s->l[i].kill_req, __ATOMIC_SEQ_CST)) {
+            __atomic_store_n(&s->kills, 1, __ATOMIC_SEQ_CST);
+            return;
+        }
+}
+
 static void apply_kills(wctx *c)
 {
     dwcp_streams *s = c->s;
@@ -2157,6 +2173,7 @@ static int transfer(dwcp_streams *s, int sender, const void *buf, uint64_t buf_l
             *out_len = len;
     }
     xfer_free(&x);
+    settle_kills(s);
     __atomic_store_n(&s->busy, 0, __ATOMIC_RELEASE);
     return rc;
 }
@@ -2257,6 +2274,7 @@ int dwcp_next_control(dwcp_streams *s, int timeout_ms, uint8_t *type, uint64_t *
         }
     }
     finish_links(&c);
+    settle_kills(s);
     __atomic_store_n(&s->busy, 0, __ATOMIC_RELEASE);
     return rc;
 }
@@ -2531,12 +2549,12 @@ void dwcp_streams_kill(dwcp_streams *s, int i)
     if (!s || i < 0 || i >= s->nl)
         return;
     lnk *t = &s->l[i];
-    if (__atomic_exchange_n(&t->kill_req, 1, __ATOMIC_ACQ_REL))
+    if (__atomic_exchange_n(&t->kill_req, 1, __ATOMIC_SEQ_CST))
         return;
     /* The socket is shut down here (thread-safe) so a call blocked on it wakes up; its chunks are
      * re-queued by the thread that drives the link, which owns the per-link state. */
     shutdown(t->fd, SHUT_RDWR);
-    __atomic_store_n(&s->kills, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->kills, 1, __ATOMIC_SEQ_CST); /* after kill_req: see settle_kills */
     wake(s->solo_evfd);
     for (int k = 0; k < s->T; k++)
         wake(s->w[k].evfd);
