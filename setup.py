@@ -41,8 +41,9 @@ ext = Extension(
                                   + glob.glob("dwcp/*.pxi") + glob.glob("dwcp/includes/*.pxd")),
     define_macros=macros,
     extra_compile_args=common + ["-Wall", "-Wno-unused-function"],
-    # After the static core on the command line, so the linker resolves hde.c's zstd calls from it.
-    extra_link_args=link + ["-lzstd"],
+    # After the static core on the command line, so the linker resolves hde.c's zstd calls and
+    # aead.c's libcrypto calls from it.
+    extra_link_args=link + ["-lzstd", "-lcrypto"],
 )
 
 

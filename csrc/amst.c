@@ -46,6 +46,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dwcp/aead.h"
 #include "dwcp/amst.h"
 #include "util.h"
 
@@ -76,6 +77,7 @@
 #define INBOX_MAX 16
 #define ACK_FLUSH_BATCH 16 /* ACKs a receiving link holds back before it writes them */      /* control frames a peer may have outstanding; more is a protocol error */
 #define PROGRESS_PUBLISH_NS 1000000
+#define CT_SLICE (256u << 10) /* sealed DATA: payload encrypted this much at a time, sent while in cache */
 
 enum { RX_HDR = 0, RX_DEST, RX_DISCARD, RX_CTL };
 
@@ -132,6 +134,20 @@ typedef struct lnk {
 
     /* MSG_ZEROCOPY bookkeeping: the kernel numbers successful zero-copy sendmsg calls per socket */
     uint64_t zc_issued, zc_done;
+
+    /* Sealed frames (dwcp/aead.h). Counters must follow wire order, so a frame is sealed (gets its
+     * counter) only when it is handed to sendmsg, and from then on it must go out: wq_sealed bytes
+     * of the queue are sealed, and wq_ahead of them go before the sealed DATA frame. */
+    int sealed;
+    dwcp_seal tx_seal, rx_seal;
+    size_t wq_sealed, wq_ahead;
+    int tx_sealed;     /* the DATA frame's header is sealed */
+    uint8_t *tx_ct;    /* ciphertext of the DATA frame's current slice (the tag after the last) */
+    uint64_t ct_lo;    /* payload offset of that slice */
+    size_t ct_n;       /* bytes in tx_ct */
+    uint8_t rx_tag[DWCP_TAG_BYTES];
+    unsigned rx_tag_got;
+    int rx_bad;        /* decryption of this frame failed: it cannot verify */
 } lnk;
 
 typedef struct worker {
@@ -160,6 +176,8 @@ struct dwcp_streams {
     int nl; /* links: n, plus the control connection */
     int T;  /* threads a large transfer uses (worker 0 is the caller) */
     int64_t busy_poll_ns; /* per call, for small transfers and control waits */
+    int sealed;           /* every frame is sealed (dwcp_set_opts.cipher) */
+    uint64_t auth_failures; /* atomic */
     int sndbuf_set;       /* SO_SNDBUF given to the links (0: the kernel's autotuning) */
     uint32_t path_rtt_us; /* the largest smoothed RTT of the links when they were sized (auto mode) */
     lnk *l;
@@ -391,12 +409,13 @@ static uint8_t *sink_ptr(wctx *c)
 static int wq_reserve(lnk *t, size_t more)
 {
     if (t->wq_off && t->wq_off == t->wq_len)
-        t->wq_off = t->wq_len = 0;
+        t->wq_off = t->wq_len = t->wq_sealed = 0;
     if (t->wq_len + more <= t->wq_cap)
         return 0;
     if (t->wq_off) { /* no iovec points into the queue between syscalls: compact it */
         memmove(t->wq, t->wq + t->wq_off, t->wq_len - t->wq_off);
         t->wq_len -= t->wq_off;
+        t->wq_sealed -= t->wq_off; /* sent bytes were sealed */
         t->wq_off = 0;
         if (t->wq_len + more <= t->wq_cap)
             return 0;
@@ -422,10 +441,20 @@ static int wq_pending(const lnk *t)
 static int wq_frame(lnk *t, uint8_t type, uint64_t tid, uint64_t offset, const uint8_t *payload,
                     uint32_t len)
 {
-    if (wq_reserve(t, DWCP_HEADER_BYTES + len) < 0)
+    size_t tag = t->sealed ? DWCP_TAG_BYTES : 0;
+    if (wq_reserve(t, DWCP_HEADER_BYTES + len + tag) < 0)
         return DWCP_E_NOMEM;
     dwcp_frame f = {.version = DWCP_VERSION, .type = type, .stream = t->wire, .length = len,
                     .transfer_id = tid, .offset = offset};
+    if (t->sealed) {
+        /* Plaintext until wq_seal gives it its counter; the tag's room is reserved now. */
+        f.flags = DWCP_FLAG_SEALED;
+        dwcp_frame_encode(&f, t->wq + t->wq_len);
+        if (len)
+            memcpy(t->wq + t->wq_len + DWCP_HEADER_BYTES, payload, len);
+        t->wq_len += DWCP_HEADER_BYTES + len + tag;
+        return 0;
+    }
     if (len) {
         f.flags = DWCP_FLAG_CSUM_CRC32C;
         f.checksum = dwcp_crc32c(0, payload, len);
@@ -442,17 +471,20 @@ static int wq_frame(lnk *t, uint8_t type, uint64_t tid, uint64_t offset, const u
 static void wq_trim(lnk *t)
 {
     if (!wq_pending(t)) {
-        t->wq_len = t->wq_off = 0;
+        t->wq_len = t->wq_off = t->wq_sealed = 0;
         t->wq_acks = 0;
         t->wq_urgent = 0;
         return;
     }
+    /* Sealed frames already hold their counters: they go out, or the peer would see a gap. */
+    size_t keep = t->wq_off > t->wq_sealed ? t->wq_off : t->wq_sealed;
+    size_t tag = t->sealed ? DWCP_TAG_BYTES : 0;
     size_t pos = 0;
-    while (pos < t->wq_off)
-        pos += DWCP_HEADER_BYTES + dwcp_ld32(t->wq + pos + 12);
+    while (pos < keep)
+        pos += DWCP_HEADER_BYTES + dwcp_ld32(t->wq + pos + 12) + tag;
     t->wq_len = pos;
     if (t->wq_off == t->wq_len)
-        t->wq_len = t->wq_off = 0;
+        t->wq_len = t->wq_off = t->wq_sealed = 0;
     t->wq_acks = 0;
     t->wq_urgent = wq_pending(t); /* the rest of a frame already started must not wait */
 }
@@ -486,10 +518,11 @@ static void mark_dead(dwcp_streams *s, lnk *t, int err)
     if (err > 0)
         DWCP_SET(s->last_errno, err);
     carry_free(t);
-    t->wq_len = t->wq_off = 0;
+    t->wq_len = t->wq_off = t->wq_sealed = t->wq_ahead = 0;
     t->wq_acks = 0;
     t->wq_urgent = 0;
     t->tx_active = 0;
+    t->tx_sealed = 0;
     t->tx_sent = 0;
     t->rb_head = t->rb_tail = 0;
     t->rx_mode = RX_HDR;
@@ -823,9 +856,13 @@ static void tx_setup(xfer *x, lnk *t, uint64_t c)
         .length = (uint32_t)len,
         .transfer_id = x->o->transfer_id,
         .offset = c * x->chunk,
-        .checksum = x->o->csum_flags ? dwcp_payload_checksum(x->o->csum_flags, p, len) : 0,
     };
+    if (t->sealed)
+        f.flags = (uint16_t)(x->o->frame_flags | DWCP_FLAG_SEALED); /* counter set by tx_seal_data */
+    else if (x->o->csum_flags)
+        f.checksum = dwcp_payload_checksum(x->o->csum_flags, p, len);
     dwcp_frame_encode(&f, t->tx_hdr);
+    t->tx_sealed = 0;
     t->tx_active = 1;
     t->tx_chunk = c;
     t->tx_pay = p;
@@ -921,10 +958,193 @@ static int tx_has_work(const wctx *c, const lnk *t)
 
 static void link_read(wctx *c, lnk *t);
 
+/* ---------------------------------------------------------------- sealed sending */
+
+/* Give the header at h (its counter field still 0) its counter, fix its CRC and start its AEAD
+ * operation: from here on the frame must reach the wire. */
+static uint64_t seal_counter(lnk *t, uint8_t *h, uint64_t len)
+{
+    uint64_t ctr = dwcp_seal_next(&t->tx_seal, len);
+    dwcp_st64(h + 32, ctr);
+    dwcp_st32(h + 40, dwcp_crc32c(0, h, 40));
+    return ctr;
+}
+
+static int seal_header(lnk *t, uint8_t *h, uint64_t len)
+{
+    return dwcp_seal_begin(&t->tx_seal, seal_counter(t, h, len), h, DWCP_HEADER_BYTES);
+}
+
+/* Seal the queued frames not sealed yet, in queue order (payload encrypted in place, tag after it),
+ * each at once with the link's second context: the DATA frame may be half-sealed in the first. */
+static int wq_seal(lnk *t)
+{
+    while (t->wq_sealed < t->wq_len) {
+        uint8_t *h = t->wq + t->wq_sealed;
+        uint32_t len = dwcp_ld32(h + 12);
+        uint64_t ctr = seal_counter(t, h, len);
+        int rc = dwcp_seal_small(&t->tx_seal, ctr, h, DWCP_HEADER_BYTES, h + DWCP_HEADER_BYTES, len,
+                                 h + DWCP_HEADER_BYTES + len);
+        if (rc)
+            return rc;
+        t->wq_sealed += DWCP_HEADER_BYTES + len + DWCP_TAG_BYTES;
+    }
+    return 0;
+}
+
+/* Encrypt the DATA frame's next slice into tx_ct, starting at payload offset lo (the tag follows the
+ * last slice). */
+static int tx_slice(lnk *t, uint64_t lo)
+{
+    if (!t->tx_ct && !(t->tx_ct = malloc(CT_SLICE + DWCP_TAG_BYTES)))
+        return DWCP_E_NOMEM;
+    size_t n = t->tx_pay_len - lo < CT_SLICE ? (size_t)(t->tx_pay_len - lo) : CT_SLICE;
+    int rc = n ? dwcp_seal_update(&t->tx_seal, t->tx_ct, t->tx_pay + lo, n) : 0;
+    t->ct_lo = lo;
+    t->ct_n = n;
+    if (!rc && lo + n == t->tx_pay_len) {
+        rc = dwcp_seal_finish(&t->tx_seal, t->tx_ct + n);
+        t->ct_n += DWCP_TAG_BYTES;
+    }
+    return rc;
+}
+
+static size_t tx_frame_bytes(const lnk *t)
+{
+    return DWCP_HEADER_BYTES + t->tx_pay_len + (t->sealed ? DWCP_TAG_BYTES : 0);
+}
+
+/* After a failed sendmsg on t: 1 to try again (EINTR), 0 if it would block, -1 if the link died (it
+ * is read first, for a farewell frame). */
+static int send_failed(wctx *c, lnk *t)
+{
+    if (errno == EINTR)
+        return 1;
+    if (would_block(errno)) {
+        t->writable = 0;
+        return 0;
+    }
+    /* The peer may have said why before it went away (an ABORT ahead of its FIN): what it sent is
+     * still queued on our side of the reset connection, so read it before the link goes. */
+    int e = errno;
+    t->readable = t->hup = 1;
+    link_read(c, t);
+    link_die(c, t, e);
+    return -1;
+}
+
+/* tx_step for sealed links. Wire order: carry, the wq_ahead queued bytes, the DATA frame, the rest of
+ * the queue. Everything is sealed right before its first sendmsg, queued frames first, so counters
+ * follow that order; no zero-copy (the ciphertext buffer is reused at once). */
+static int tx_step_sealed(wctx *c, lnk *t)
+{
+    if (wq_seal(t) < 0) {
+        link_die(c, t, DWCP_E_AUTH);
+        return -1;
+    }
+    if (t->tx_active && !t->tx_sealed) {
+        if (seal_header(t, t->tx_hdr, t->tx_pay_len) < 0) {
+            link_die(c, t, DWCP_E_AUTH);
+            return -1;
+        }
+        t->tx_sealed = 1;
+        t->ct_lo = 0;
+        t->ct_n = 0;
+        t->wq_ahead = t->wq_len - t->wq_off;
+    }
+    struct iovec v[5];
+    int vk[5], nv = 0; /* 0 carry, 1 data, 2 queue ahead of data, 3 queue */
+    if (t->carry) {
+        v[nv].iov_base = t->carry + t->carry_off;
+        v[nv].iov_len = t->carry_len - t->carry_off;
+        vk[nv++] = 0;
+    }
+    size_t ahead = t->tx_active ? t->wq_ahead : 0;
+    if (ahead) {
+        v[nv].iov_base = t->wq + t->wq_off;
+        v[nv].iov_len = ahead;
+        vk[nv++] = 2;
+    }
+    if (t->tx_active) {
+        if (t->tx_sent < DWCP_HEADER_BYTES) {
+            v[nv].iov_base = t->tx_hdr + t->tx_sent;
+            v[nv].iov_len = DWCP_HEADER_BYTES - t->tx_sent;
+            vk[nv++] = 1;
+        }
+        uint64_t p = t->tx_sent > DWCP_HEADER_BYTES ? t->tx_sent - DWCP_HEADER_BYTES : 0;
+        if (p == t->ct_lo + t->ct_n && p < t->tx_pay_len + DWCP_TAG_BYTES) {
+            int rc = tx_slice(t, p);
+            if (rc == DWCP_E_NOMEM) {
+                set_state(c, DWCP_E_NOMEM);
+                return -1;
+            }
+            if (rc < 0) {
+                link_die(c, t, rc);
+                return -1;
+            }
+        }
+        v[nv].iov_base = t->tx_ct + (p - t->ct_lo);
+        v[nv].iov_len = t->ct_lo + t->ct_n - p;
+        vk[nv++] = 1;
+    }
+    if (t->wq_len - t->wq_off > ahead) {
+        v[nv].iov_base = t->wq + t->wq_off + ahead;
+        v[nv].iov_len = t->wq_len - t->wq_off - ahead;
+        vk[nv++] = 3;
+    }
+    if (!nv)
+        return 0;
+    size_t want = 0;
+    for (int i = 0; i < nv; i++)
+        want += v[i].iov_len;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = v;
+    msg.msg_iovlen = (size_t)nv;
+    ssize_t n = sendmsg(t->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0)
+        return send_failed(c, t);
+    progress(c, (size_t)n);
+    size_t rest = (size_t)n;
+    for (int i = 0; i < nv && rest; i++) {
+        size_t take = rest < v[i].iov_len ? rest : v[i].iov_len;
+        rest -= take;
+        if (vk[i] == 0) {
+            t->carry_off += take;
+            if (t->carry_off == t->carry_len)
+                carry_free(t);
+        } else if (vk[i] == 1) {
+            t->tx_sent += take;
+            if (t->tx_sent == tx_frame_bytes(t)) {
+                t->tx_active = 0;
+                t->tx_sealed = 0;
+                t->tx_sent = 0;
+                t->wq_ahead = 0;
+            }
+        } else {
+            if (vk[i] == 2)
+                t->wq_ahead -= take;
+            t->wq_off += take;
+            if (t->wq_off == t->wq_len) {
+                t->wq_off = t->wq_len = t->wq_sealed = 0;
+                t->wq_acks = 0;
+                t->wq_urgent = 0;
+            }
+        }
+    }
+    if ((size_t)n < want) {
+        t->writable = 0;
+        return 0;
+    }
+    return 1;
+}
+
 /* One send step of everything t has queued. Returns -1 if the link died, 0 if it would block, 1 to go
  * on. */
 static int tx_step(wctx *c, lnk *t)
 {
+    if (t->sealed)
+        return tx_step_sealed(c, t);
     dwcp_streams *s = c->s;
     struct iovec iov[4];
     int kind[4]; /* 0 carry, 1 data frame, 2 queue */
@@ -1005,21 +1225,8 @@ static int tx_step(wctx *c, lnk *t)
         zc = 0;
         n = sendmsg(t->fd, &msg, flags & ~MSG_ZEROCOPY);
     }
-    if (n < 0) {
-        if (errno == EINTR)
-            return 1;
-        if (would_block(errno)) {
-            t->writable = 0;
-            return 0;
-        }
-        /* The peer may have said why before it went away (an ABORT ahead of its FIN): what it sent
-         * is still queued on our side of the reset connection, so read it before the link goes. */
-        int e = errno;
-        t->readable = t->hup = 1;
-        link_read(c, t);
-        link_die(c, t, e);
-        return -1;
-    }
+    if (n < 0)
+        return send_failed(c, t);
     if (zc && n > 0) {
         t->zc_issued++;
         DBG_ADD(g_zc_pending, 1);
@@ -1184,9 +1391,51 @@ static int drop_note_add(xfer *x, uint64_t c, int via)
     return 0;
 }
 
-static void consume_header(lnk *t)
+/* Sealed links: bytes a header at the front of rb needs before it can be looked at (a frame without
+ * payload is checked with its tag). The length field is read unvalidated: it only picks 48 or 64. */
+static size_t header_need(const lnk *t)
 {
+    if (t->sealed && dwcp_ld32(t->rb + t->rb_head + 12) == 0)
+        return DWCP_HEADER_BYTES + DWCP_TAG_BYTES;
+    return DWCP_HEADER_BYTES;
+}
+
+/* Sealed links: whether the frame whose header f decoded at h may be taken now: SEALED set, its
+ * counter the next one this link may carry, and (no payload) its tag right. Nothing changes, so a
+ * parked header is checked again by the next call. */
+static int sealed_header_ok(lnk *t, const dwcp_frame *f, const uint8_t *h)
+{
+    if (!(f->flags & DWCP_FLAG_SEALED))
+        return DWCP_E_FLAGS;
+    if (!dwcp_seal_acceptable(&t->rx_seal, f->checksum))
+        return DWCP_E_AUTH;
+    if (f->length == 0 && (dwcp_seal_begin(&t->rx_seal, f->checksum, h, DWCP_HEADER_BYTES) < 0 ||
+                           dwcp_seal_verify(&t->rx_seal, h + DWCP_HEADER_BYTES) < 0))
+        return DWCP_E_AUTH;
+    return 0;
+}
+
+/* Take the header at the front of rb. On sealed links its counter is used up here, and a frame with a
+ * payload starts its decryption (the payload is opened slice by slice as it arrives). */
+static int consume_header(lnk *t)
+{
+    const uint8_t *h = t->rb + t->rb_head;
+    if (!t->sealed) {
+        t->rb_head += DWCP_HEADER_BYTES;
+        return 0;
+    }
+    uint64_t ctr = dwcp_ld64(h + 32);
+    uint32_t len = dwcp_ld32(h + 12);
+    dwcp_seal_accept(&t->rx_seal, ctr);
+    t->rx_tag_got = 0;
+    t->rx_bad = 0;
+    if (len == 0) { /* verified by sealed_header_ok */
+        t->rb_head += DWCP_HEADER_BYTES + DWCP_TAG_BYTES;
+        return 0;
+    }
+    int rc = dwcp_seal_begin(&t->rx_seal, ctr, h, DWCP_HEADER_BYTES);
     t->rb_head += DWCP_HEADER_BYTES;
+    return rc < 0 ? DWCP_E_AUTH : 0;
 }
 
 /* A DATA or TRUNCATE frame of a transfer this set received earlier (a re-send that lost the race):
@@ -1221,7 +1470,9 @@ static int rx_header(wctx *c, lnk *t, const dwcp_frame *f)
         t->parked = 1;
         return 1;
     }
-    consume_header(t);
+    int crc = consume_header(t);
+    if (crc < 0)
+        return crc;
     if (f->transfer_id < x->o->transfer_id)
         return stale_data(c, t, f);
     t->seen_tid = f->transfer_id;
@@ -1384,17 +1635,29 @@ static int on_header(wctx *c, lnk *t)
         return rc;
     if (f.stream != t->wire)
         return DWCP_E_STREAM;
+    if (t->sealed) {
+        rc = sealed_header_ok(t, &f, t->rb + t->rb_head);
+        if (rc < 0) {
+            if (rc == DWCP_E_AUTH)
+                DWCP_ADD(s->auth_failures, 1);
+            return rc;
+        }
+    } else if (f.flags & DWCP_FLAG_SEALED) {
+        return DWCP_E_FLAGS;
+    }
     switch (f.type) {
     case DWCP_T_XFER_BEGIN:
     case DWCP_T_ABORT:
     case DWCP_T_CLOSE:
         if (f.length > DWCP_MAX_CONTROL_BYTES || (f.type == DWCP_T_CLOSE && f.length))
             return DWCP_E_LENGTH;
-        if (f.length ? f.flags != DWCP_FLAG_CSUM_CRC32C : f.flags != 0)
+        if (t->sealed ? f.flags != DWCP_FLAG_SEALED
+                      : (f.length ? f.flags != DWCP_FLAG_CSUM_CRC32C : f.flags != 0))
             return DWCP_E_FLAGS;
         if (f.offset || (f.type == DWCP_T_CLOSE && f.transfer_id))
             return DWCP_E_RANGE;
-        consume_header(t);
+        if ((rc = consume_header(t)) < 0)
+            return rc;
         t->rx_f = f;
         if (!f.length)
             return ctl_done(c, t, NULL);
@@ -1409,7 +1672,8 @@ static int on_header(wctx *c, lnk *t)
     case DWCP_T_DONE:
         if (f.length)
             return DWCP_E_LENGTH;
-        consume_header(t);
+        if ((rc = consume_header(t)) < 0)
+            return rc;
         if (x && x->sender)
             return tx_frame(c, t, &f);
         if (s->have_send_id && f.transfer_id <= s->last_send_id)
@@ -1422,7 +1686,8 @@ static int on_header(wctx *c, lnk *t)
         if (x && !x->sender)
             return rx_header(c, t, &f);
         if (s->have_recv_id && f.transfer_id <= s->last_recv_id) {
-            consume_header(t);
+            if ((rc = consume_header(t)) < 0)
+                return rc;
             return stale_data(c, t, &f);
         }
         t->parked = 1; /* the peer's next transfer towards us: keep it for that receive call */
@@ -1436,9 +1701,15 @@ static int payload_done(wctx *c, lnk *t)
 {
     xfer *x = c->x;
     int mode = t->rx_mode;
+    /* A sealed frame that fails its tag kills the link with the chunk still marked in flight on it,
+     * so link_die gives the chunk back (the sender re-sends it on another link). */
+    if (t->sealed && (t->rx_bad || dwcp_seal_verify(&t->rx_seal, t->rx_tag) < 0)) {
+        DWCP_ADD(c->s->auth_failures, 1);
+        return DWCP_E_AUTH;
+    }
     t->rx_mode = RX_HDR;
     if (mode == RX_CTL) {
-        if (dwcp_crc32c(0, t->rx_ctl, (size_t)t->rx_len) != t->rx_f.checksum)
+        if (!t->sealed && dwcp_crc32c(0, t->rx_ctl, (size_t)t->rx_len) != t->rx_f.checksum)
             return DWCP_E_CHECKSUM;
         return ctl_done(c, t, t->rx_ctl);
     }
@@ -1531,15 +1802,42 @@ static ssize_t link_recv(wctx *c, lnk *t, struct iovec *iov, int niov, size_t *b
     return n;
 }
 
-static void payload_bytes(lnk *t, const uint8_t *src, size_t n)
+/* Sealed links: open n payload bytes at src into dst (either may be the other; decryption keeps the
+ * tag state going even for a discarded payload, whose tag is checked like any other). */
+static void rx_open(lnk *t, uint8_t *dst, const uint8_t *src, size_t n)
+{
+    if (!t->rx_bad && dwcp_seal_update(&t->rx_seal, dst, src, n) < 0)
+        t->rx_bad = 1;
+}
+
+/* Payload bytes that were read into the link buffer. */
+static void payload_bytes(wctx *c, lnk *t, const uint8_t *src, size_t n)
 {
     if (t->rx_mode == RX_DEST) {
-        memcpy(t->rx_dst + t->rx_got, src, n);
-        dwcp_csum_update(&t->rx_sum, t->rx_dst + t->rx_got, n);
+        if (t->sealed) {
+            rx_open(t, t->rx_dst + t->rx_got, src, n);
+        } else {
+            memcpy(t->rx_dst + t->rx_got, src, n);
+            dwcp_csum_update(&t->rx_sum, t->rx_dst + t->rx_got, n);
+        }
     } else if (t->rx_mode == RX_CTL) {
-        memcpy(t->rx_ctl + t->rx_got, src, n);
+        if (t->sealed)
+            rx_open(t, t->rx_ctl + t->rx_got, src, n);
+        else
+            memcpy(t->rx_ctl + t->rx_got, src, n);
+    } else if (t->sealed) {
+        rx_open(t, c->w->scratch, src, n); /* n <= RBUF_BYTES < SCRATCH_BYTES */
     }
     t->rx_got += n;
+}
+
+/* Payload bytes the kernel wrote straight into their place (destination, control buffer, scratch). */
+static void payload_in_place(lnk *t, uint8_t *at, size_t n)
+{
+    if (t->sealed)
+        rx_open(t, at, at, n);
+    else if (t->rx_mode == RX_DEST)
+        dwcp_csum_update(&t->rx_sum, at, n);
 }
 
 static int receiving_done(const wctx *c)
@@ -1548,13 +1846,32 @@ static int receiving_done(const wctx *c)
     return c->x && !c->x->sender && state_of(c->x) != 0;
 }
 
+/* Read more into the link buffer (for a header, or a sealed frame's tag). -1: stop reading t now. */
+static int rb_fill(wctx *c, lnk *t, size_t *budget)
+{
+    size_t avail = t->rb_tail - t->rb_head;
+    if (!may_read(c, t, *budget))
+        return -1;
+    if (t->rb_head) {
+        memmove(t->rb, t->rb + t->rb_head, avail);
+        t->rb_head = 0;
+        t->rb_tail = avail;
+    }
+    struct iovec iov = {.iov_base = t->rb + t->rb_tail, .iov_len = RBUF_BYTES - t->rb_tail};
+    ssize_t n = link_recv(c, t, &iov, 1, budget);
+    if (n < 0)
+        return -1;
+    t->rb_tail += (size_t)n;
+    return 0;
+}
+
 static void link_read(wctx *c, lnk *t)
 {
     size_t budget = RX_BUDGET_BYTES;
     while (is_alive(t) && !t->parked && !receiving_done(c)) {
         size_t avail = t->rb_tail - t->rb_head;
         if (t->rx_mode == RX_HDR) {
-            if (avail >= DWCP_HEADER_BYTES) {
+            if (avail >= DWCP_HEADER_BYTES && avail >= header_need(t)) {
                 int rc = on_header(c, t);
                 if (rc < 0) {
                     link_die(c, t, rc);
@@ -1562,24 +1879,28 @@ static void link_read(wctx *c, lnk *t)
                 }
                 continue;
             }
-            if (!may_read(c, t, budget))
+            if (rb_fill(c, t, &budget) < 0)
                 return;
-            if (t->rb_head) {
-                memmove(t->rb, t->rb + t->rb_head, avail);
-                t->rb_head = 0;
-                t->rb_tail = avail;
-            }
-            struct iovec iov = {.iov_base = t->rb + t->rb_tail, .iov_len = RBUF_BYTES - t->rb_tail};
-            ssize_t n = link_recv(c, t, &iov, 1, &budget);
-            if (n < 0)
-                return;
-            t->rb_tail += (size_t)n;
             continue;
         }
         uint64_t rem = t->rx_len - t->rx_got;
-        if (avail) {
+        if (rem == 0) { /* a sealed payload is in: its tag follows */
+            if (!avail) {
+                if (rb_fill(c, t, &budget) < 0)
+                    return;
+                continue;
+            }
+            size_t take = DWCP_TAG_BYTES - t->rx_tag_got;
+            if (take > avail)
+                take = avail;
+            memcpy(t->rx_tag + t->rx_tag_got, t->rb + t->rb_head, take);
+            t->rx_tag_got += (unsigned)take;
+            t->rb_head += take;
+            if (t->rb_head == t->rb_tail)
+                t->rb_head = t->rb_tail = 0;
+        } else if (avail) {
             size_t take = rem < avail ? (size_t)rem : avail;
-            payload_bytes(t, t->rb + t->rb_head, take);
+            payload_bytes(c, t, t->rb + t->rb_head, take);
             t->rb_head += take;
             if (t->rb_head == t->rb_tail)
                 t->rb_head = t->rb_tail = 0;
@@ -1608,13 +1929,12 @@ static void link_read(wctx *c, lnk *t)
             if (n < 0)
                 return;
             size_t pay = (size_t)n < iov[0].iov_len ? (size_t)n : iov[0].iov_len;
-            if (t->rx_mode == RX_DEST)
-                dwcp_csum_update(&t->rx_sum, t->rx_dst + t->rx_got, pay);
+            payload_in_place(t, iov[0].iov_base, pay);
             t->rx_got += pay;
             if (niov == 2)
                 t->rb_tail = (size_t)n - pay;
         }
-        if (t->rx_got == t->rx_len) {
+        if (t->rx_got == t->rx_len && (!t->sealed || t->rx_tag_got == DWCP_TAG_BYTES)) {
             int rc = payload_done(c, t);
             if (rc < 0) {
                 if (rc == DWCP_E_NOMEM && c->x)
@@ -1876,6 +2196,62 @@ static int flush_links(wctx *c, int64_t timeout_ns, int *flushed)
 }
 
 /* Leave every link framed and independent of the caller's buffer before the call returns. */
+/* finish_links for a sealed DATA frame that has its counter: the queued frames that go ahead of it
+ * and the rest of it (encrypted now, with its tag) become the carry. */
+static int carry_sealed(lnk *t)
+{
+    size_t old = t->carry ? t->carry_len - t->carry_off : 0;
+    size_t ahead = t->wq_ahead;
+    uint64_t p = t->tx_sent > DWCP_HEADER_BYTES ? t->tx_sent - DWCP_HEADER_BYTES : 0;
+    size_t hdr_rest = t->tx_sent < DWCP_HEADER_BYTES ? DWCP_HEADER_BYTES - t->tx_sent : 0;
+    /* tx_ct holds [ct_lo, ct_lo + ct_n) of payload-then-tag; once the last slice is in it, so is the
+     * tag. What is not encrypted yet is encrypted straight into the carry. */
+    uint64_t end = t->ct_lo + t->ct_n;
+    int finished = end > t->tx_pay_len;
+    size_t in_slice = (size_t)(end - p);
+    uint64_t lo = end;
+    size_t later = finished ? 0 : (size_t)(t->tx_pay_len - end);
+    size_t tag = finished ? 0 : DWCP_TAG_BYTES;
+    uint8_t *q = malloc(old + ahead + hdr_rest + in_slice + later + tag);
+    if (!q)
+        return DWCP_E_NOMEM;
+    size_t o = 0;
+    if (old)
+        memcpy(q, t->carry + t->carry_off, old);
+    o += old;
+    if (ahead)
+        memcpy(q + o, t->wq + t->wq_off, ahead);
+    o += ahead;
+    if (hdr_rest)
+        memcpy(q + o, t->tx_hdr + t->tx_sent, hdr_rest);
+    o += hdr_rest;
+    if (in_slice)
+        memcpy(q + o, t->tx_ct + (p - t->ct_lo), in_slice);
+    o += in_slice;
+    int rc = later ? dwcp_seal_update(&t->tx_seal, q + o, t->tx_pay + lo, later) : 0;
+    o += later;
+    if (!rc && tag)
+        rc = dwcp_seal_finish(&t->tx_seal, q + o);
+    o += tag;
+    if (rc) {
+        free(q);
+        return rc;
+    }
+    t->wq_off += ahead;
+    t->wq_ahead = 0;
+    if (!t->carry)
+        DBG_ADD(g_carry_buffers, 1);
+    free(t->carry);
+    t->carry = q;
+    t->carry_len = o;
+    t->carry_off = 0;
+    t->tx_active = 0;
+    t->tx_sealed = 0;
+    t->tx_sent = 0;
+    t->tx_pay = NULL;
+    return 0;
+}
+
 static void finish_links(wctx *c)
 {
     dwcp_streams *s = c->s;
@@ -1884,8 +2260,13 @@ static void finish_links(wctx *c)
         if (!owns(c, t) || !is_alive(t))
             continue;
         wq_trim(t);
-        if (t->tx_active && t->tx_sent == 0)
+        if (t->tx_active && t->tx_sent == 0 && !t->tx_sealed)
             t->tx_active = 0;
+        if (t->tx_active && t->sealed) {
+            if (carry_sealed(t) < 0)
+                mark_dead(s, t, ENOMEM);
+            continue;
+        }
         if (t->tx_active) {
             /* A frame cut off mid-way (completion via DONE, error, interrupt): the receiver's framing
              * needs its remaining bytes, but the caller owns the buffer from now on. It goes out
@@ -2046,7 +2427,7 @@ static int xfer_init(xfer *x, dwcp_streams *s, int sender, const void *buf, uint
         return DWCP_E_NOMEM;
     x->timeout_ns = (int64_t)(o->timeout_ms > 0 ? o->timeout_ms : 30000) * 1000000;
     x->deadline = sender ? o->deadline_ns : 0;
-    x->use_zc = sender && o->zerocopy == DWCP_ZC_ON;
+    x->use_zc = sender && o->zerocopy == DWCP_ZC_ON && !s->sealed; /* ciphertext buffers are reused */
     x->zc_min = o->zc_min_bytes ? o->zc_min_bytes : (32u << 10);
     x->last_progress = now_ns();
     return 0;
@@ -2357,7 +2738,12 @@ static void free_set(dwcp_streams *s)
             free(t->wq);
             free(t->rb);
             free(t->rx_ctl);
+            free(t->tx_ct);
             dwcp_csum_free(&t->rx_sum);
+            if (s->sealed) {
+                dwcp_seal_free(&t->tx_seal);
+                dwcp_seal_free(&t->rx_seal);
+            }
         }
         free(s->l);
     }
@@ -2430,6 +2816,12 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
     s->n = n;
     s->nl = n + (ctl_fd >= 0);
     s->busy_poll_ns = opts ? (int64_t)opts->busy_poll_us * 1000 : 0;
+    if (opts && opts->cipher != DWCP_CIPHER_NONE &&
+        (!dwcp_cipher_key_bytes(opts->cipher) || !opts->tx_secret || !opts->rx_secret ||
+         (opts->dir != 0 && opts->dir != 1))) {
+        free(s);
+        return NULL;
+    }
     s->solo_ep = s->solo_evfd = -1;
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->inbox_mu, NULL);
@@ -2478,6 +2870,16 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
         t->rb = malloc(RBUF_BYTES);
         if (t->fd < 0 || !t->rb || dwcp_csum_init(&t->rx_sum) < 0)
             goto fail;
+        if (opts && opts->cipher != DWCP_CIPHER_NONE) {
+            /* The peer's frames carry the other direction byte: a frame reflected back at its
+             * sender never opens. */
+            s->sealed = t->sealed = 1;
+            if (dwcp_seal_init(&t->tx_seal, opts->cipher, 1, opts->tx_secret, (uint8_t)opts->dir, t->wire,
+                               opts->rekey_bytes) < 0 ||
+                dwcp_seal_init(&t->rx_seal, opts->cipher, 0, opts->rx_secret, (uint8_t)(1 - opts->dir),
+                               t->wire, opts->rekey_bytes) < 0)
+                goto fail;
+        }
         int fl = fcntl(t->fd, F_GETFL);
         if (fl < 0 || fcntl(t->fd, F_SETFL, fl | O_NONBLOCK) < 0)
             goto fail;
@@ -2584,6 +2986,9 @@ void dwcp_streams_stats(const dwcp_streams *s, dwcp_stats *out)
     out->last_errno = DWCP_GET(s->last_errno);
     out->last_failed_stream = DWCP_GET(s->last_failed_stream);
     out->truncated_at = DWCP_GET(s->truncated_at);
+    out->auth_failures = DWCP_GET(s->auth_failures);
+    for (int i = 0; s->sealed && i < s->nl; i++)
+        out->rekeys += DWCP_GET(s->l[i].tx_seal.rekeys) + DWCP_GET(s->l[i].rx_seal.rekeys);
 }
 
 void dwcp_streams_interrupt(dwcp_streams *s)

@@ -45,7 +45,8 @@ int dwcp_frame_decode(const uint8_t in[DWCP_HEADER_BYTES], uint32_t max_payload,
         return DWCP_E_TYPE;
     uint16_t flags = dwcp_ld16(in + 6);
     const uint16_t csum = DWCP_FLAG_CSUM_CRC32C | DWCP_FLAG_CSUM_XXH3;
-    if ((flags & ~DWCP_FLAGS_KNOWN) || (flags & csum) == csum)
+    if ((flags & ~DWCP_FLAGS_KNOWN) || (flags & csum) == csum ||
+        ((flags & DWCP_FLAG_SEALED) && (flags & csum)))
         return DWCP_E_FLAGS;
     uint32_t length = dwcp_ld32(in + 12);
     if (length > max_payload)

@@ -15,6 +15,7 @@ from libc.string cimport memset
 
 from dwcp.includes.frame cimport *
 from dwcp.includes.amst cimport *
+from dwcp.includes.aead cimport *
 
 import math
 
@@ -27,6 +28,11 @@ MAX_STREAMS = DWCP_MAX_STREAMS
 FLAG_CSUM_CRC32C = DWCP_FLAG_CSUM_CRC32C
 FLAG_CSUM_XXH3 = DWCP_FLAG_CSUM_XXH3
 FLAG_COMPRESSED = DWCP_FLAG_COMPRESSED
+FLAG_SEALED = DWCP_FLAG_SEALED
+TAG_BYTES = DWCP_TAG_BYTES
+#: Sealed-frame ciphers by wire name (dwcp/aead.h); the handshake negotiates one of these names.
+CIPHERS = {"aes-128-gcm": DWCP_CIPHER_AES128GCM, "aes-256-gcm": DWCP_CIPHER_AES256GCM,
+           "chacha20-poly1305": DWCP_CIPHER_CHACHA20POLY1305}
 
 # Checksumming small inputs is cheaper than dropping and re-taking the GIL.
 cdef Py_ssize_t _NOGIL_BYTES = 64 * 1024
@@ -150,6 +156,147 @@ def decode_header(data, max_payload):
     return (f.version, f.type, f.flags, f.stream, f.length, f.transfer_id, f.offset, f.checksum)
 
 
+cdef int _cipher_id(object cipher) except -1:
+    if cipher not in CIPHERS:
+        raise ConfigError(f"cipher must be one of {sorted(CIPHERS)}, got {cipher!r}")
+    return CIPHERS[cipher]
+
+
+def hkdf_expand_sha256(prk, info, Py_ssize_t length):
+    """HKDF-Expand (RFC 5869) with HMAC-SHA256, as the engine derives its frame keys."""
+    cdef bytes p = bytes(prk), i = bytes(info)
+    if length < 1 or length > 255 * 32 or len(i) > 256:
+        raise ConfigError("hkdf_expand_sha256: length must be 1..8160 and info at most 256 bytes")
+    out = bytearray(length)
+    cdef unsigned char[::1] o = out
+    if dwcp_hkdf_expand_sha256(<const uint8_t *>p, len(p), <const uint8_t *>i, len(i), &o[0], length):
+        raise ConfigError("hkdf_expand_sha256 failed")
+    return bytes(out)
+
+
+def aead_seal(cipher, key, nonce, aad, plaintext):
+    """One-shot AEAD encryption with the engine's code: ciphertext followed by the 16-byte tag."""
+    cdef int cid = _cipher_id(cipher)
+    cdef bytes k = bytes(key), n = bytes(nonce), a = bytes(aad), pt = bytes(plaintext)
+    if len(k) != dwcp_cipher_key_bytes(cid) or len(n) != DWCP_NONCE_BYTES:
+        raise ConfigError(f"{cipher}: key must be {dwcp_cipher_key_bytes(cid)} bytes and nonce 12")
+    out = bytearray(len(pt) + DWCP_TAG_BYTES)
+    cdef unsigned char[::1] o = out
+    cdef int rc = dwcp_aead_oneshot(cid, 1, <const uint8_t *>k, <const uint8_t *>n, <const uint8_t *>a,
+                                    len(a), <const uint8_t *>pt, len(pt), &o[0], &o[len(pt)])
+    if rc:
+        raise convert_error(rc, context="aead_seal")
+    return bytes(out)
+
+
+def aead_open(cipher, key, nonce, aad, sealed):
+    """Inverse of aead_seal; ProtocolError (code E_AUTH) when the tag does not verify."""
+    cdef int cid = _cipher_id(cipher)
+    cdef bytes k = bytes(key), n = bytes(nonce), a = bytes(aad), ct = bytes(sealed)
+    if len(k) != dwcp_cipher_key_bytes(cid) or len(n) != DWCP_NONCE_BYTES:
+        raise ConfigError(f"{cipher}: key must be {dwcp_cipher_key_bytes(cid)} bytes and nonce 12")
+    if len(ct) < DWCP_TAG_BYTES:
+        raise convert_error(DWCP_E_AUTH, context="aead_open (shorter than a tag)")
+    cdef Py_ssize_t m = len(ct) - DWCP_TAG_BYTES
+    out = bytearray(m + 1)
+    cdef unsigned char[::1] o = out
+    cdef int rc = dwcp_aead_oneshot(cid, 0, <const uint8_t *>k, <const uint8_t *>n, <const uint8_t *>a,
+                                    len(a), <const uint8_t *>ct, m, &o[0], <uint8_t *>(<const uint8_t *>ct + m))
+    if rc:
+        raise convert_error(rc, context="aead_open")
+    return bytes(out[:m])
+
+
+cdef class FrameSeal:
+    """One direction of one link's sealed frames (dwcp/aead.h), for the Python engine and for tests:
+    the same key schedule, nonces and counters as the C engine.
+
+    ``seal(header48, payload)`` takes an encoded header whose checksum field is 0 and flags include
+    SEALED; it returns the header with its counter (and CRC) filled in and the ciphertext+tag.
+    ``open(header48, sealed)`` checks the counter is the next this link may carry and the tag, and
+    returns the plaintext (ProtocolError with code E_AUTH otherwise)."""
+
+    cdef dwcp_seal _st
+    cdef bint _ok
+    cdef readonly str cipher
+    cdef readonly bint sealing
+
+    def __cinit__(self, cipher, secret, *, sealing, direction, link, rekey_bytes=0):
+        cdef int cid = _cipher_id(cipher)
+        cdef bytes sec = bytes(secret)
+        self._ok = False
+        if len(sec) != DWCP_SECRET_BYTES:
+            raise ConfigError(f"secret must be {DWCP_SECRET_BYTES} bytes")
+        if direction not in (0, 1) or not 0 <= link <= 0xFFFF or rekey_bytes < 0:
+            raise ConfigError("direction must be 0/1, link 0..65535, rekey_bytes >= 0")
+        if dwcp_seal_init(&self._st, cid, 1 if sealing else 0, <const uint8_t *>sec, <uint8_t>direction,
+                          <uint16_t>link, <uint64_t>rekey_bytes):
+            raise MemoryError()
+        self._ok = True
+        self.cipher = cipher
+        self.sealing = bool(sealing)
+
+    def __dealloc__(self):
+        if self._ok:
+            dwcp_seal_free(&self._st)
+
+    @property
+    def next_counter(self):
+        return self._st.next
+
+    @property
+    def rekeys(self):
+        return self._st.rekeys
+
+    def seal(self, header, payload=b""):
+        if not self.sealing:
+            raise ConfigError("this FrameSeal opens frames; make one with sealing=True to seal")
+        cdef bytearray h = bytearray(header)
+        cdef bytes pt = bytes(payload)
+        if len(h) != DWCP_HEADER_BYTES:
+            raise ConfigError("header must be 48 bytes")
+        cdef uint64_t ctr = dwcp_seal_next(&self._st, len(pt))
+        cdef unsigned char[::1] hv = h
+        h[32:40] = ctr.to_bytes(8, "little")
+        h[40:44] = dwcp_crc32c(0, &hv[0], 40).to_bytes(4, "little")
+        out = bytearray(len(pt) + DWCP_TAG_BYTES)
+        cdef unsigned char[::1] o = out
+        cdef int rc = dwcp_seal_begin(&self._st, ctr, &hv[0], DWCP_HEADER_BYTES)
+        if not rc and len(pt):
+            rc = dwcp_seal_update(&self._st, &o[0], <const uint8_t *>pt, len(pt))
+        if not rc:
+            rc = dwcp_seal_finish(&self._st, &o[len(pt)])
+        if rc:
+            raise convert_error(rc, context="seal frame")
+        return bytes(h), bytes(out)
+
+    def acceptable(self, uint64_t counter):
+        return bool(dwcp_seal_acceptable(&self._st, counter))
+
+    def open(self, header, sealed):
+        if self.sealing:
+            raise ConfigError("this FrameSeal seals frames; make one with sealing=False to open")
+        cdef bytes h = bytes(header), ct = bytes(sealed)
+        if len(h) != DWCP_HEADER_BYTES or len(ct) < DWCP_TAG_BYTES:
+            raise convert_error(DWCP_E_AUTH, context="open frame (truncated)")
+        cdef uint64_t ctr = int.from_bytes(h[32:40], "little")
+        if not dwcp_seal_acceptable(&self._st, ctr):
+            raise convert_error(DWCP_E_AUTH, context=f"open frame (counter {ctr} is not the next, "
+                                f"{self._st.next}: replayed, reordered or dropped frame)")
+        cdef Py_ssize_t m = len(ct) - DWCP_TAG_BYTES
+        out = bytearray(m + 1)
+        cdef unsigned char[::1] o = out
+        cdef int rc = dwcp_seal_begin(&self._st, ctr, <const uint8_t *>h, DWCP_HEADER_BYTES)
+        if not rc and m:
+            rc = dwcp_seal_update(&self._st, &o[0], <const uint8_t *>ct, m)
+        if not rc:
+            rc = dwcp_seal_verify(&self._st, <const uint8_t *>ct + m)
+        if rc:
+            raise convert_error(DWCP_E_AUTH, context="open frame")
+        dwcp_seal_accept(&self._st, ctr)
+        return bytes(out[:m])
+
+
 def features():
     """What this build and host can do."""
     cdef dwcp_debug_counts dc
@@ -256,10 +403,13 @@ cdef class StreamSet:
     cdef object _last_recv_id
     cdef bytearray _ctl_buf
 
-    def __cinit__(self, fds, *, control=None, io_threads=0, busy_poll_us=0, sndbuf_bytes=0):
+    def __cinit__(self, fds, *, control=None, io_threads=0, busy_poll_us=0, sndbuf_bytes=0, cipher=None,
+                  direction=0, tx_secret=None, rx_secret=None, rekey_bytes=0):
         cdef int *arr = NULL
         cdef int i
         cdef dwcp_set_opts opts
+        cdef bytes txs, rxs
+        memset(&opts, 0, sizeof(opts))
         self._s = NULL
         self._last_send_id = None
         self._last_recv_id = None
@@ -287,6 +437,22 @@ cdef class StreamSet:
             raise ConfigError(f"sndbuf_bytes must be -1 (kernel autotuning), 0 (auto) or a size up to 1 GiB, "
                               f"got {sndbuf_bytes!r}")
         opts.sndbuf_bytes = sndbuf_bytes
+        if cipher is not None:
+            if cipher not in CIPHERS:
+                raise ConfigError(f"cipher must be one of {sorted(CIPHERS)} or None, got {cipher!r}")
+            for name, sec in (("tx_secret", tx_secret), ("rx_secret", rx_secret)):
+                if not isinstance(sec, bytes) or len(sec) != DWCP_SECRET_BYTES:
+                    raise ConfigError(f"{name} must be {DWCP_SECRET_BYTES} bytes for a sealed set")
+            if direction not in (0, 1):
+                raise ConfigError(f"direction must be 0 (client) or 1 (server), got {direction!r}")
+            if isinstance(rekey_bytes, bool) or not isinstance(rekey_bytes, int) or rekey_bytes < 0:
+                raise ConfigError(f"rekey_bytes must be an int >= 0 (0: the default), got {rekey_bytes!r}")
+            txs, rxs = tx_secret, rx_secret
+            opts.cipher = CIPHERS[cipher]
+            opts.dir = direction
+            opts.tx_secret = <const uint8_t *>txs
+            opts.rx_secret = <const uint8_t *>rxs
+            opts.rekey_bytes = rekey_bytes
         arr = <int *>malloc(n * sizeof(int))
         if arr == NULL:
             raise MemoryError()
@@ -533,7 +699,8 @@ cdef class StreamSet:
                 "zc_copied": st.zc_copied, "zc_fallback": st.zc_fallback,
                 "last_errno": st.last_errno, "last_failed_stream": st.last_failed_stream,
                 "truncated_at": st.truncated_at, "control_frames": st.control_frames,
-                "mt_transfers": st.mt_transfers}
+                "mt_transfers": st.mt_transfers, "auth_failures": st.auth_failures,
+                "rekeys": st.rekeys}
 
     cdef int _check_open(self) except -1:
         if self._s == NULL:

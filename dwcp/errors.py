@@ -107,6 +107,7 @@ E_PEER = -16
 E_CLOSED = -17
 E_PEER_ABORT = -18
 E_PEER_CLOSE = -19
+E_AUTH = -20
 
 _PROTOCOL_MESSAGES = {
     E_MAGIC: "bad magic: the peer is not speaking DWCP (wrong port or protocol?)",
@@ -120,6 +121,8 @@ _PROTOCOL_MESSAGES = {
     E_STREAM: "frame carries the wrong stream index",
     E_CHECKSUM: "payload checksum mismatch",
     E_PEER: "peer broke the protocol",
+    E_AUTH: ("a sealed frame failed authentication or came out of order (tampered with on the path, "
+             "or not from this session's peer)"),
 }
 
 _PEER_GONE_ERRNOS = {_errno.ECONNRESET, _errno.EPIPE, _errno.ECONNABORTED, _errno.ENOTCONN}

@@ -67,8 +67,12 @@ def _io_threads_option(f: Any) -> Any:
 
 
 def _key_options(f: Any) -> Any:
+    f = click.option("--no-encrypt", "no_encrypt", is_flag=True,
+                     help="Plaintext (checksummed) frames for a link you trust; frames are sealed "
+                          "unless both ends say this.")(f)
     f = click.option("--insecure", is_flag=True,
-                     help="Run without authentication (both ends must say so).")(f)
+                     help="Run without authentication, and so without encryption (both ends must say "
+                          "so).")(f)
     f = click.option("--key-file", type=click.Path(dir_okay=False), default=None,
                      help="File holding the pre-shared key (else $DWCP_KEY).")(f)
     return f
@@ -125,11 +129,12 @@ def main() -> None:
 @_io_threads_option
 @_key_options
 def server(bind: str, once: bool, io_threads: int, sndbuf_bytes: int, key_file: str | None,
-           insecure: bool) -> None:
+           insecure: bool, no_encrypt: bool) -> None:
     """Receive benchmark traffic from `dwcp-bench client`."""
     try:
         lis = dwcp.listen(parse_address(bind, default_port=DEFAULT_PORT), key_file=key_file,
-                          insecure=insecure, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes)
+                          insecure=insecure, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes,
+                          encrypt=not no_encrypt)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     host, port = lis.address
@@ -142,7 +147,8 @@ def server(bind: str, once: bool, io_threads: int, sndbuf_bytes: int, key_file: 
             except KeyboardInterrupt:
                 return
             click.echo(f"session from {session.peer[0]}:{session.peer[1]}: {session.params.streams} "
-                       f"streams, chunk {session.params.chunk_bytes} B, backend {session.backend}", err=True)
+                       f"streams, chunk {session.params.chunk_bytes} B, backend {session.backend}, "
+                       f"frames {session.stats()['cipher']}", err=True)
             if once:
                 serve_session(session)
                 return
@@ -209,7 +215,7 @@ class _Progress:
 
 def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int,
                interval_s: float, key: bytes | str | None, key_file: str | None, insecure: bool,
-               quiet: bool, io_threads: int = 0, sndbuf_bytes: int = 0) -> dict[str, Any]:
+               quiet: bool, io_threads: int = 0, sndbuf_bytes: int = 0, encrypt: bool = True) -> dict[str, Any]:
     tty = sys.stdout.isatty() and not quiet
     buffer_bytes = max(chunk_bytes, buffer_bytes // chunk_bytes * chunk_bytes)
     # Incompressible bytes, so nothing below us (or a future compressing path) flatters the figure.
@@ -217,10 +223,10 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
     buf = bytearray((pattern * (buffer_bytes // len(pattern) + 1))[:buffer_bytes])
     with dwcp.connect(addr, key=key, key_file=key_file, insecure=insecure, streams=streams,
                       chunk_bytes=chunk_bytes, timeout_s=max(10.0, seconds), io_threads=io_threads,
-                      sndbuf_bytes=sndbuf_bytes) as s:
+                      sndbuf_bytes=sndbuf_bytes, encrypt=encrypt) as s:
         if not quiet:
             click.echo(f"Connecting to {addr}: {s.params.streams} streams, chunk {s.params.chunk_bytes} B, "
-                       f"checksum {s.params.checksum}, backend {s.backend}, zero-copy "
+                       f"frames {s.stats()['cipher']}, checksum {s.params.checksum}, backend {s.backend}, zero-copy "
                        f"{'on' if s.stats()['zerocopy'] else 'off'} ({s.zerocopy_reason})")
         monitor, link = _link_monitor(s)
         progress = _Progress(s, seconds, interval_s, quiet, tty)
@@ -251,6 +257,7 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
         "chunk_bytes": stats["chunk_bytes"],
         "buffer_bytes": buffer_bytes,
         "checksum": stats["checksum"],
+        "cipher": stats["cipher"],
         "backend": stats["backend"],
         "zerocopy": stats["zerocopy"],
         "zerocopy_reason": stats["zerocopy_reason"],
@@ -303,7 +310,7 @@ def print_summary(r: dict[str, Any]) -> None:
     click.echo("- " * 30)
     click.echo(f"[SUM]   0.00-{r['seconds']:6.2f} sec  {_fmt_bytes(r['bytes'])}  "
                f"{_fmt_rate(r['throughput_bps'])}  retr {r['retransmits']}  sender")
-    click.echo(f"streams {r['streams']}, chunk {r['chunk_bytes']} B, checksum {r['checksum']}, "
+    click.echo(f"streams {r['streams']}, chunk {r['chunk_bytes']} B, frames {r['cipher']}, checksum {r['checksum']}, "
                f"chunks re-sent {r['chunks_resent']}")
     click.echo(f"CPU: client {r['cpu']['client_percent']:.0f}%, server {r['cpu']['server_percent']:.0f}% "
                f"(100% = one core)")
@@ -358,7 +365,7 @@ def client_address(host: str, port: int | None) -> tuple[str, int]:
 @_key_options
 def client(host: str, port: int | None, streams: int, seconds: float, chunk_bytes: int,
            buffer_bytes: int, interval_s: float, as_json: bool, io_threads: int, sndbuf_bytes: int,
-           key_file: str | None, insecure: bool) -> None:
+           key_file: str | None, insecure: bool, no_encrypt: bool) -> None:
     """Send to a `dwcp-bench server` at HOST (HOST:PORT, or HOST with -p PORT)."""
     try:
         h, p = client_address(host, port)
@@ -366,7 +373,7 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
         result = run_client(addr, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=None, key_file=key_file,
                             insecure=insecure, quiet=as_json, io_threads=io_threads,
-                            sndbuf_bytes=sndbuf_bytes)
+                            sndbuf_bytes=sndbuf_bytes, encrypt=not no_encrypt)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _emit(result, as_json)

@@ -16,6 +16,11 @@ cdef extern from "dwcp/amst.h" nogil:
         int io_threads
         int sndbuf_bytes
         int busy_poll_us
+        int cipher
+        int dir
+        const uint8_t *tx_secret
+        const uint8_t *rx_secret
+        uint64_t rekey_bytes
 
     ctypedef struct dwcp_streams:
         pass
@@ -51,6 +56,8 @@ cdef extern from "dwcp/amst.h" nogil:
         uint64_t truncated_at
         uint64_t control_frames
         uint64_t mt_transfers
+        uint64_t auth_failures
+        uint64_t rekeys
 
     ctypedef struct dwcp_debug_counts:
         int64_t live_stream_sets

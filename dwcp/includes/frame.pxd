@@ -12,6 +12,7 @@ cdef extern from "dwcp/frame.h" nogil:
         DWCP_FLAG_CSUM_CRC32C
         DWCP_FLAG_CSUM_XXH3
         DWCP_FLAG_COMPRESSED
+        DWCP_FLAG_SEALED
         DWCP_FLAGS_KNOWN
 
     enum dwcp_err:
@@ -35,6 +36,7 @@ cdef extern from "dwcp/frame.h" nogil:
         DWCP_E_CLOSED
         DWCP_E_PEER_ABORT
         DWCP_E_PEER_CLOSE
+        DWCP_E_AUTH
 
     ctypedef struct dwcp_frame:
         uint8_t version

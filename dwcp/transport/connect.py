@@ -70,6 +70,7 @@ def connect(addr: str | tuple[str, int], *, key: bytes | str | None = None,
     # (resolve_key refuses it); no key and not insecure is refused before any socket is opened.
     psk = auth.resolve_key(auth.load_key(key=key, key_file=key_file, env=None if insecure else "DWCP_KEY"),
                            insecure)
+    options.check_engine_can_seal(insecure=psk is None)
     target = parse_address(addr)
     if not target[0]:
         raise ConfigError(f"connect() needs a host in the address, got {addr!r}")
@@ -77,7 +78,8 @@ def connect(addr: str | tuple[str, int], *, key: bytes | str | None = None,
     control = open_connection(target, options, deadline)
     data: list[socket.socket] = []
     try:
-        offer = Offer(streams=streams, chunk_bytes=chunk_bytes, checksums=tuple(checksums),
+        offer = Offer(streams=streams, chunk_bytes=chunk_bytes,
+                      checksums=options.protections(insecure=psk is None),
                       features=frozenset({"tls"} if tls else set()))
         params = client_handshake(control, key=psk, insecure=insecure, offer=offer,
                                   timeout_s=max(0.001, deadline - time.monotonic()))

@@ -251,6 +251,7 @@ def listen(addr: str | tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | str |
     psk = auth.resolve_key(auth.load_key(key=key, key_file=key_file, env=None if insecure else "DWCP_KEY"),
                            insecure)
     options = SessionOptions(timeout_s=timeout_s, tls=tls, **extra)
+    options.check_engine_can_seal(insecure=psk is None)
     host, port = parse_address(addr, default_host="")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -261,7 +262,11 @@ def listen(addr: str | tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | str |
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {host or '*'}:{port}: {e.strerror or e}") from e
+    # Over TLS the connection is encrypted already: frames are not sealed a second time.
+    sealing = psk is not None and tls is None
     policy = ServerPolicy(max_streams=max_streams, max_chunk_bytes=max_chunk_bytes,
-                          features=frozenset({"tls"} if tls else set()))
+                          checksums=options.checksums + (options.ciphers if sealing else ()),
+                          features=frozenset({"tls"} if tls else set()),
+                          require_cipher=sealing and options.encrypt)
     return Listener(sock, options, key=psk, insecure=insecure, policy=policy,
                     handshake_timeout_s=handshake_timeout_s)

@@ -8,6 +8,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from dwcp.errors import ConfigError
+from dwcp.wire.negotiation import CIPHERS
 
 MIN_CHUNK_BYTES = 4 << 10
 MAX_CHUNK_BYTES = 64 << 20
@@ -82,6 +83,12 @@ class SessionOptions:
     200 us (loopback, LAN) get 1 MiB instead of the kernel's autotuned several MiB, which would push
     the queued data out of the caches; longer paths keep the kernel's autotuning. -1 always leaves it
     to the kernel, a positive value sets it (the kernel doubles it).
+    encrypt: seal every frame after the handshake (AEAD, docs/transport.md "Sealed frames") when a key
+    is configured. On by default ($DWCP_ENCRYPT=0 turns the default off): frames go in plaintext
+    (checksummed) only if both ends say encrypt=False, or over TLS (which encrypts already); an
+    insecure session is never sealed.
+    ciphers: the AEAD ciphers this side accepts, preferred first.
+    rekey_bytes: bytes one key may seal before its link moves to a fresh key (0: 16 GiB).
     """
 
     streams: int = 4
@@ -99,6 +106,26 @@ class SessionOptions:
     busy_poll_us: int = 200
     sndbuf_bytes: int = 0
     backend: str = field(default_factory=lambda: os.environ.get("DWCP_BACKEND", "c"))
+    encrypt: bool = field(default_factory=lambda: os.environ.get("DWCP_ENCRYPT", "1") != "0")
+    ciphers: tuple[str, ...] = CIPHERS
+    rekey_bytes: int = 0
+
+    def protections(self, *, insecure: bool) -> tuple[str, ...]:
+        """What this side offers for the data path, preferred first (negotiation.Offer.checksums):
+        ciphers only when it insists on sealing, checksums first when it does not."""
+        if insecure or self.tls is not None:
+            return self.checksums
+        if self.encrypt:
+            return self.ciphers
+        return self.checksums + self.ciphers
+
+    def check_engine_can_seal(self, *, insecure: bool) -> None:
+        """The Python engine does not seal frames: refuse a configuration that would need it to,
+        before any connection is made, instead of silently sending plaintext."""
+        if self.backend == "python" and self.encrypt and not insecure and self.tls is None:
+            raise ConfigError("the Python engine (DWCP_BACKEND=python) cannot seal frames: use the C "
+                              "engine, TLS, or encrypt=False / --no-encrypt on both ends for a "
+                              "trusted link")
 
     def __post_init__(self) -> None:
         if not isinstance(self.streams, int) or not 1 <= self.streams <= MAX_STREAMS:
@@ -113,6 +140,14 @@ class SessionOptions:
             raise ConfigError(f"checksums must be a non-empty list from {CHECKSUMS}, got {self.checksums!r}")
         if self.zerocopy not in ("auto", "on", "off"):
             raise ConfigError(f"zerocopy must be 'auto', 'on' or 'off', got {self.zerocopy!r}")
+        if not isinstance(self.encrypt, bool):
+            raise ConfigError(f"encrypt must be True or False, got {self.encrypt!r}")
+        bad = [c for c in self.ciphers if c not in CIPHERS]
+        if not self.ciphers or bad or len(set(self.ciphers)) != len(self.ciphers):
+            raise ConfigError(f"ciphers must be distinct names from {CIPHERS}, got {self.ciphers!r}")
+        if isinstance(self.rekey_bytes, bool) or not isinstance(self.rekey_bytes, int) or \
+                not 0 <= self.rekey_bytes <= 1 << 40:
+            raise ConfigError(f"rekey_bytes must be an int 0..2**40 (0: 16 GiB), got {self.rekey_bytes!r}")
         if self.backend not in ("c", "python"):
             raise ConfigError(f"backend (DWCP_BACKEND) must be 'c' or 'python', got {self.backend!r}")
         if self.max_recv_bytes < 0:

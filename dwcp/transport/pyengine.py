@@ -102,7 +102,7 @@ _MAX_WAIT_S = 1.0
 _STAT_KEYS = ("bytes_payload", "bytes_wire", "chunks", "chunks_resent", "chunks_duplicate",
               "checksum_errors", "streams_failed", "zc_sends", "zc_completions", "zc_copied",
               "zc_fallback", "last_errno", "last_failed_stream", "truncated_at", "control_frames",
-              "mt_transfers")
+              "mt_transfers", "auth_failures", "rekeys")
 # Control frames a peer may have waiting for next_control(); more is a protocol error (as in C).
 _INBOX_MAX = 16
 

@@ -74,7 +74,11 @@ class Session:
                                                      tls=isinstance(control, ssl.SSLSocket),
                                                      io_threads=options.io_threads,
                                                      busy_poll_us=options.busy_poll_us,
-                                                     sndbuf_bytes=options.sndbuf_bytes)
+                                                     sndbuf_bytes=options.sndbuf_bytes,
+                                                     cipher=params.cipher,
+                                                     direction=0 if role == "client" else 1,
+                                                     traffic_secrets=params.traffic_secrets,
+                                                     rekey_bytes=options.rekey_bytes)
         self._zerocopy, self.zerocopy_reason = self._choose_zerocopy()
         self._tid_counter = 0
         self._last_recv_tid = 0
@@ -493,7 +497,10 @@ class Session:
             "sndbuf_bytes": self._engine.sndbuf[0] if not self._closed else 0,
             "path_rtt_us": self._engine.sndbuf[1] if not self._closed else 0,
             "chunk_bytes": self.params.chunk_bytes,
-            "checksum": self.params.checksum,
+            "checksum": self.params.checksum if self.params.cipher is None else None,
+            # What protects frames on the wire: an AEAD cipher (sealed frames), "tls", or "none"
+            # (plaintext with a checksum; an insecure or encrypt=False session).
+            "cipher": self.params.cipher or ("tls" if isinstance(self._control, ssl.SSLSocket) else "none"),
             "version": self.params.version,
             "features": sorted(self.params.features),
             "tls": isinstance(self._control, ssl.SSLSocket),

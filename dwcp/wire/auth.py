@@ -161,6 +161,21 @@ def derive_session_key(key: bytes | None, client_nonce: bytes, server_nonce: byt
     return _mac(prk, LABEL_SESSION_KEY, transcript, b"\x01")
 
 
+LABEL_TRAFFIC = b"dwcp v2 traffic secret\x00"
+
+
+def derive_traffic_secrets(session_key: bytes, client_nonce: bytes, server_nonce: bytes,
+                           cipher: str) -> tuple[bytes, bytes]:
+    """(client-to-server, server-to-client) secrets for sealed frames: HKDF-SHA256, extract with salt
+    = both nonces from the session key, expand once per direction with the cipher's name in the
+    context, so no key ever serves two directions or two ciphers. The engine derives a key per link
+    and epoch from these (csrc/include/dwcp/aead.h)."""
+    prk = _mac(client_nonce + server_nonce, session_key)
+    name = cipher.encode("ascii")
+    return (_mac(prk, LABEL_TRAFFIC, b"c2s\x00", name, b"\x01"),
+            _mac(prk, LABEL_TRAFFIC, b"s2c\x00", name, b"\x01"))
+
+
 def welcome_mac(session_key: bytes, transcript: bytes, session_id: bytes) -> bytes:
     """Key confirmation: proves the server derived the same session key and binds the session id."""
     return _mac(session_key, LABEL_WELCOME, transcript, session_id)

@@ -52,9 +52,13 @@ class Flag(enum.IntFlag):
     CSUM_CRC32C = 1 << 0
     CSUM_XXH3 = 1 << 1
     COMPRESSED = 1 << 2
+    #: sealed frame (docs/protocol.md, "Sealed frames"): checksum = frame counter, payload encrypted,
+    #: a 16-byte tag after it; never together with a checksum bit
+    SEALED = 1 << 3
 
 
-FLAGS_KNOWN = int(Flag.CSUM_CRC32C | Flag.CSUM_XXH3 | Flag.COMPRESSED)
+FLAGS_KNOWN = int(Flag.CSUM_CRC32C | Flag.CSUM_XXH3 | Flag.COMPRESSED | Flag.SEALED)
+TAG_BYTES = 16
 _CSUM_MASK = int(Flag.CSUM_CRC32C | Flag.CSUM_XXH3)
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
@@ -131,7 +135,8 @@ def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Hea
         raise ProtocolError("reserved header field is not zero", code=-5)
     if type_ not in _KNOWN_TYPES:
         raise ProtocolError(f"unknown frame type {type_}", code=-3)
-    if flags & ~FLAGS_KNOWN or (flags & _CSUM_MASK) == _CSUM_MASK:
+    if (flags & ~FLAGS_KNOWN or (flags & _CSUM_MASK) == _CSUM_MASK
+            or (flags & Flag.SEALED and flags & _CSUM_MASK)):
         raise ProtocolError(f"unknown or inconsistent frame flags 0x{flags:04x}", code=-4)
     if length > max_payload:
         raise ProtocolError(f"frame length {length} over the limit {max_payload} for this frame",

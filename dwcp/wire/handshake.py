@@ -35,7 +35,7 @@ from dwcp.wire import messages as m
 from dwcp.wire.frames import FrameType, Header
 from dwcp.wire.io import read_frame, write_frame
 from dwcp.wire.messages import ErrorCode, JoinRequest
-from dwcp.wire.negotiation import (CHECKSUM_FLAGS, Choice, Offer, ServerPolicy, check_choice,
+from dwcp.wire.negotiation import (CHECKSUM_FLAGS, CIPHERS, Choice, Offer, ServerPolicy, check_choice,
                                    negotiate, validate_offer, validate_policy)
 
 __all__ = ["JoinRequest", "Offer", "ServerPolicy", "SessionParams", "client_handshake", "client_join",
@@ -63,14 +63,22 @@ class SessionParams:
     session_id: bytes
     session_key: bytes = field(repr=False)
     insecure: bool
+    #: (client-to-server, server-to-client) secrets of sealed frames; empty when frames are not sealed
+    traffic_secrets: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)
     _joined: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
                                   compare=False)
 
     @property
     def csum_flags(self) -> int:
-        """The frames.Flag bit for the negotiated data checksum."""
-        return CHECKSUM_FLAGS[self.checksum]
+        """The frames.Flag bit for the negotiated data checksum (0 with sealed frames: the tag is
+        the integrity check)."""
+        return CHECKSUM_FLAGS.get(self.checksum, 0)
+
+    @property
+    def cipher(self) -> str | None:
+        """The AEAD cipher every post-handshake frame is sealed with, or None (plaintext frames)."""
+        return self.checksum if self.checksum in CIPHERS else None
 
     @property
     def joined(self) -> frozenset[int]:
@@ -228,7 +236,15 @@ def _client(sock: socket.socket, key: bytes | None, offer: Offer, deadline: floa
                         + " (or something in the path altered the handshake)")
     return SessionParams(version=ch.version, streams=ch.streams, chunk_bytes=ch.chunk_bytes,
                          checksum=ch.checksum, features=ch.features, session_id=welcome.session_id,
-                         session_key=session_key, insecure=key is None)
+                         session_key=session_key, insecure=key is None,
+                         traffic_secrets=_traffic(session_key, hello.nonce, ch.nonce, ch.checksum))
+
+
+def _traffic(session_key: bytes, client_nonce: bytes, server_nonce: bytes,
+             protection: str) -> tuple[bytes, bytes]:
+    if protection not in CIPHERS:
+        return (b"", b"")
+    return auth.derive_traffic_secrets(session_key, client_nonce, server_nonce, protection)
 
 
 def _check_challenge(key: bytes | None, offer: Offer, hello_payload: bytes, ch: m.Challenge,
@@ -342,7 +358,8 @@ def _server(sock: socket.socket, first: tuple[Header, bytes], key: bytes | None,
     params = SessionParams(version=choice.version, streams=choice.streams,
                            chunk_bytes=choice.chunk_bytes, checksum=choice.checksum,
                            features=choice.features, session_id=session_id,
-                           session_key=session_key, insecure=key is None)
+                           session_key=session_key, insecure=key is None,
+                           traffic_secrets=_traffic(session_key, hello.nonce, ch.nonce, choice.checksum))
     if before_welcome is not None:
         before_welcome(params)
     _send(sock, FrameType.WELCOME, m.encode_welcome(welcome), deadline)

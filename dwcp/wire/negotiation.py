@@ -6,7 +6,9 @@ result into the authenticated transcript, so a man in the middle cannot downgrad
 Rules (docs/protocol.md, "Handshake"):
 - the highest protocol version both sides list wins;
 - features are the intersection of both sets;
-- the data checksum is the first entry of the client's ordered list that the server supports;
+- the data protection is the first entry of the client's ordered list that the server supports: a
+  checksum name (plaintext frames) or a cipher name (sealed frames, docs/protocol.md "Sealed frames");
+  a server that requires sealing picks the first cipher, and nobody seals an insecure session;
 - streams = min(client's request, server's max_streams); chunk size likewise, within 4 KiB..64 MiB.
 """
 
@@ -20,6 +22,11 @@ from dwcp.wire.frames import Flag
 
 # Checksum names this implementation can compute, and the frame flag each one sets.
 CHECKSUM_FLAGS: dict[str, int] = {"xxh3": int(Flag.CSUM_XXH3), "crc32c": int(Flag.CSUM_CRC32C)}
+
+#: AEAD ciphers for sealed frames, in this build's order of preference (AES-128-GCM first: with
+#: AES-NI and PCLMULQDQ it is the fastest here; ChaCha20-Poly1305 for hosts without them). They travel
+#: in the same ordered list as the checksums, because the tag replaces the checksum.
+CIPHERS: tuple[str, ...] = ("aes-128-gcm", "aes-256-gcm", "chacha20-poly1305")
 
 
 #: The session protocol this code speaks (docs/protocol.md). 2: after the handshake every connection is
@@ -41,13 +48,14 @@ class Offer:
 
 @dataclass(frozen=True)
 class ServerPolicy:
-    """What a server allows. ``checksums`` lists what it can verify (order does not matter: the
-    client's preference decides)."""
+    """What a server allows. ``checksums`` lists what it can verify or open (order does not matter:
+    the client's preference decides); ``require_cipher``: only sealed frames are acceptable."""
     max_streams: int = 256
     max_chunk_bytes: int = 64 << 20
-    checksums: tuple[str, ...] = ("xxh3", "crc32c")
+    checksums: tuple[str, ...] = ("xxh3", "crc32c", *CIPHERS)
     features: frozenset[str] = frozenset()
     versions: tuple[int, ...] = (PROTOCOL_VERSION,)
+    require_cipher: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,10 +78,10 @@ def _check_versions(versions: tuple[int, ...], who: str) -> None:
 def _check_checksums(names: tuple[str, ...], who: str) -> None:
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"{who} checksums {names!r}: need at least one, no duplicates")
-    unknown = [n for n in names if n not in CHECKSUM_FLAGS]
+    unknown = [n for n in names if n not in CHECKSUM_FLAGS and n not in CIPHERS]
     if unknown:
-        raise ConfigError(f"{who} checksums: unknown {unknown}; this build supports "
-                          f"{sorted(CHECKSUM_FLAGS)}")
+        raise ConfigError(f"{who} checksums/ciphers: unknown {unknown}; this build supports "
+                          f"{sorted(CHECKSUM_FLAGS)} and {list(CIPHERS)}")
 
 
 def _check_features(features: frozenset[str], who: str) -> None:
@@ -123,7 +131,16 @@ def negotiate(hello: m.Hello, policy: ServerPolicy) -> Choice:
         raise ProtocolError(
             f"no common protocol version: the client speaks {sorted(hello.versions)}, the server "
             f"speaks {sorted(policy.versions)}; upgrade the older end", code=-2)
-    checksum = next((c for c in hello.checksums if c in policy.checksums), None)
+    usable = [c for c in hello.checksums if c in policy.checksums
+              and not (hello.insecure and c in CIPHERS)]  # no key, nothing to seal with
+    if policy.require_cipher and not hello.insecure:
+        usable = [c for c in usable if c in CIPHERS]
+        if not usable:
+            raise ProtocolError(
+                f"the server requires sealed (encrypted) frames but the client offers only "
+                f"{list(hello.checksums)}: run the client with encryption on (the default), or the "
+                "server with encrypt=False / --no-encrypt if this link is trusted", code=-16)
+    checksum = usable[0] if usable else None
     if checksum is None:
         raise ProtocolError(
             f"no common data checksum: the client offers {list(hello.checksums)}, the server "

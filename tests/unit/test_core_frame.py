@@ -166,8 +166,9 @@ def test_decode_error_codes_and_order() -> None:
         bent(10, b"\x01"): -5,
         bent(44, b"\x01", fix_crc=False): -5,
         bent(5, b"\x06"): -3,
-        bent(6, b"\x08"): -4,
+        bent(6, b"\x10"): -4,
         bent(6, b"\x03"): -4,
+        bent(6, b"\x0a"): -4,  # SEALED never comes with a checksum bit
     }
     for data, code in cases.items():
         with pytest.raises(ProtocolError) as ei:

@@ -164,7 +164,7 @@ def test_stream_set_api(link_factory: Callable[[int], Link]) -> None:
     assert set(st) == {"bytes_payload", "bytes_wire", "chunks", "chunks_resent", "chunks_duplicate",
                        "checksum_errors", "streams_failed", "zc_sends", "zc_completions", "zc_copied",
                        "zc_fallback", "last_errno", "last_failed_stream", "truncated_at", "control_frames",
-                       "mt_transfers"}
+                       "mt_transfers", "auth_failures", "rekeys"}
     link.tx.kill(1)
     assert link.tx.alive() == [True, False, True]
     assert link.tx.alive_count() == 2

@@ -58,6 +58,15 @@ typedef struct dwcp_set_opts {
                          frame polls without sleeping for up to this long in all before it sleeps
                          (0..1000000; 0 = never): waking a sleeping task costs more than a small
                          transfer's round trip on a VM */
+    /* Sealed frames (dwcp/aead.h): cipher != DWCP_CIPHER_NONE seals every frame on every link with
+     * keys derived from tx_secret (frames this side sends) and rx_secret (frames it receives). dir is
+     * this side's direction byte in the nonce: 0 for the client, 1 for the server. rekey_bytes: data
+     * one key may seal before its link moves to the next epoch (0: DWCP_REKEY_BYTES_DEFAULT). */
+    int cipher;
+    int dir;
+    const uint8_t *tx_secret;
+    const uint8_t *rx_secret;
+    uint64_t rekey_bytes;
 } dwcp_set_opts;
 
 enum dwcp_zerocopy_mode {
@@ -108,6 +117,8 @@ typedef struct dwcp_stats {
     uint64_t truncated_at;       /* receiver/sender: logical length after a TRUNCATE, else 0 */
     uint64_t control_frames;     /* XFER_BEGIN/ABORT/CLOSE frames received and delivered */
     uint64_t mt_transfers;       /* transfers driven by more than one thread */
+    uint64_t auth_failures;      /* sealed frames that failed authentication (their link died) */
+    uint64_t rekeys;             /* epochs entered after the first, both directions, all links */
 } dwcp_stats;
 
 /* fds: n connected TCP sockets (any blocking mode: the engine sets O_NONBLOCK and TCP_NODELAY, the

@@ -58,8 +58,10 @@ enum dwcp_frame_flags {
     DWCP_FLAG_CSUM_CRC32C = 1u << 0, /* checksum = CRC32C of payload (zero-extended) */
     DWCP_FLAG_CSUM_XXH3 = 1u << 1,   /* checksum = XXH3-64 of payload */
     DWCP_FLAG_COMPRESSED = 1u << 2,  /* payload was compressed by HDE; nothing below compresses it */
+    DWCP_FLAG_SEALED = 1u << 3,      /* sealed frame (dwcp/aead.h): checksum = frame counter, payload
+                                        encrypted, a 16-byte tag follows it; no checksum bit with it */
 };
-#define DWCP_FLAGS_KNOWN 0x0007u
+#define DWCP_FLAGS_KNOWN 0x000fu
 
 typedef struct dwcp_frame {
     uint8_t version;
@@ -94,6 +96,7 @@ enum dwcp_err {
     DWCP_E_CLOSED = -17,     /* the stream set was closed locally */
     DWCP_E_PEER_ABORT = -18, /* the peer sent ABORT: it gave up the transfer */
     DWCP_E_PEER_CLOSE = -19, /* the peer sent CLOSE: it ended the session */
+    DWCP_E_AUTH = -20,       /* a sealed frame failed authentication, or its counter is not the next */
 };
 
 /* Encode hdr into out[DWCP_HEADER_BYTES] (computes header_crc). */
