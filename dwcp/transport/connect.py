@@ -15,6 +15,7 @@ from dwcp.transport.options import CHECKSUMS, DEFAULT_CHUNK_BYTES, SessionOption
 from dwcp.transport.session import Session
 from dwcp.wire import auth
 from dwcp.wire.handshake import Offer, SessionParams, client_handshake, client_join
+from dwcp.wire.tls import FEATURE_TLS_BIND
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def connect(addr: str | tuple[str, int], *, key: bytes | str | None = None,
     try:
         offer = Offer(streams=streams, chunk_bytes=chunk_bytes,
                       checksums=options.protections(insecure=psk is None),
-                      features=frozenset({"tls"} if tls else set()))
+                      features=frozenset({"tls", FEATURE_TLS_BIND} if tls else set()))
         params = client_handshake(control, key=psk, insecure=insecure, offer=offer,
                                   timeout_s=max(0.001, deadline - time.monotonic()))
         data = _open_streams(target, params, options, deadline)

@@ -29,6 +29,7 @@ from dwcp.wire.frames import MAX_CONTROL_BYTES, FrameType, encode_frame
 from dwcp.wire.handshake import (ServerPolicy, SessionParams, parse_join, send_joined, server_handshake,
                                  verify_join)
 from dwcp.wire.io import read_frame, write_frame
+from dwcp.wire.tls import FEATURE_TLS_BIND, server_binding
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ def listen(addr: str | tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | str |
     sealing = psk is not None and tls is None
     policy = ServerPolicy(max_streams=max_streams, max_chunk_bytes=max_chunk_bytes,
                           checksums=options.checksums + (options.ciphers if sealing else ()),
-                          features=frozenset({"tls"} if tls else set()),
+                          features=frozenset(({"tls"} | ({FEATURE_TLS_BIND} if server_binding(tls) else set()))
+                                             if tls else set()),
                           require_cipher=sealing and options.encrypt)
     return Listener(sock, options, key=psk, insecure=insecure, policy=policy,
                     handshake_timeout_s=handshake_timeout_s)

@@ -129,13 +129,17 @@ def new_session_id() -> bytes:
     return secrets.token_bytes(SESSION_ID_BYTES)
 
 
-def transcript_hash(hello_payload: bytes, challenge_body: bytes) -> bytes:
+def transcript_hash(hello_payload: bytes, challenge_body: bytes, channel_binding: bytes = b"") -> bytes:
     """SHA-256 over the label, then each message with a length prefix (so no two different pairs of
-    messages produce the same hashed bytes)."""
+    messages produce the same hashed bytes), then the TLS channel binding when the session binds to
+    TLS (its own label and length, so an unbound transcript never equals a bound one)."""
     h = hashlib.sha256(LABEL_TRANSCRIPT)
     for part in (hello_payload, challenge_body):
         h.update(struct.pack("<I", len(part)))
         h.update(part)
+    if channel_binding:
+        h.update(b"tls-server-end-point\x00" + struct.pack("<I", len(channel_binding)))
+        h.update(channel_binding)
     return h.digest()
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from dwcp.wire import messages as m
 from dwcp.wire.frames import FrameType, Header
 from dwcp.wire.io import read_frame, write_frame
 from dwcp.wire.messages import ErrorCode, JoinRequest
+from dwcp.wire.tls import FEATURE_TLS_BIND, channel_binding
 from dwcp.wire.negotiation import (CHECKSUM_FLAGS, CIPHERS, Choice, Offer, ServerPolicy, check_choice,
                                    negotiate, validate_offer, validate_policy)
 
@@ -214,7 +216,7 @@ def _client(sock: socket.socket, key: bytes | None, offer: Offer, deadline: floa
         raise AuthError("the server requires a pre-shared key but this client has none "
                         "(insecure): pass key=... / --key-file on the client")
     try:
-        proof, transcript = _check_challenge(key, offer, hello_payload, ch, body)
+        proof, transcript = _check_challenge(sock, key, offer, hello_payload, ch, body)
     except AuthError:
         # Tell the server why we hang up (it raises AuthError too); the reason stays generic.
         _refuse(sock, ErrorCode.AUTH_FAILED, _AUTH_FAILED, deadline)
@@ -247,14 +249,25 @@ def _traffic(session_key: bytes, client_nonce: bytes, server_nonce: bytes,
     return auth.derive_traffic_secrets(session_key, client_nonce, server_nonce, protection)
 
 
-def _check_challenge(key: bytes | None, offer: Offer, hello_payload: bytes, ch: m.Challenge,
-                     body: bytes) -> tuple[bytes, bytes]:
+def _binding(sock: socket.socket, features: frozenset[str], *, server: bool) -> bytes:
+    """The TLS channel binding the transcript covers: empty unless both sides agreed to bind."""
+    if FEATURE_TLS_BIND not in features:
+        return b""
+    value = channel_binding(sock, server=server) if isinstance(sock, ssl.SSLSocket) else None
+    if not value:
+        raise ProtocolError("the session was negotiated bound to TLS but this side cannot see the "
+                            "TLS certificate (is the connection TLS?)", code=-16)
+    return value
+
+
+def _check_challenge(sock: socket.socket, key: bytes | None, offer: Offer, hello_payload: bytes,
+                     ch: m.Challenge, body: bytes) -> tuple[bytes, bytes]:
     """Validate the server's CHALLENGE; return (our proof MAC, transcript hash)."""
     choice = Choice(version=ch.version, streams=ch.streams, chunk_bytes=ch.chunk_bytes,
                     checksum=ch.checksum, features=ch.features)
     check_choice(offer, choice)
 
-    transcript = auth.transcript_hash(hello_payload, body)
+    transcript = auth.transcript_hash(hello_payload, body, _binding(sock, ch.features, server=False))
     if key is not None:
         # Verify the server before sending our proof: an impostor gets nothing from us.
         if not auth.macs_equal(ch.mac, auth.server_proof(key, transcript)):
@@ -326,7 +339,7 @@ def _server(sock: socket.socket, first: tuple[Header, bytes], key: bytes | None,
                      streams=choice.streams, chunk_bytes=choice.chunk_bytes,
                      checksum=choice.checksum, features=choice.features)
     body = m.encode_challenge_body(ch)
-    transcript = auth.transcript_hash(hello_payload, body)
+    transcript = auth.transcript_hash(hello_payload, body, _binding(sock, choice.features, server=True))
     server_mac = auth.server_proof(key, transcript) if key is not None else bytes(m.MAC_BYTES)
     _send(sock, FrameType.CHALLENGE, body + server_mac, deadline)
 

@@ -10,12 +10,45 @@ compression, so there is nothing to configure wrongly.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import ssl
 
 from dwcp.errors import ConfigError
 
 PathLike = str | os.PathLike[str]
+
+#: The handshake feature that binds the PSK transcript to the TLS connection (docs/protocol.md,
+#: "Binding to TLS").
+FEATURE_TLS_BIND = "tls-bind"
+_END_POINT_ATTR = "_dwcp_tls_end_point"
+
+
+def _end_point(cert_der: bytes) -> bytes:
+    """tls-server-end-point (RFC 5929) with SHA-256: the hash of the server's DER certificate."""
+    return hashlib.sha256(cert_der).digest()
+
+
+def server_binding(ctx: ssl.SSLContext) -> bytes | None:
+    """The channel binding a server context made by :func:`server_context` presents, else None (a
+    context built elsewhere does not tell Python which certificate it holds)."""
+    value = getattr(ctx, _END_POINT_ATTR, None)
+    return value if isinstance(value, bytes) else None
+
+
+def channel_binding(sock: ssl.SSLSocket, *, server: bool) -> bytes | None:
+    """This side's view of the connection's tls-server-end-point: the certificate the client was
+    shown, or the one the server presents. A man in the middle who terminates TLS shows the client
+    a different certificate than the server's, so the two views differ and the PSK MACs fail.
+
+    Why not tls-unique or tls-exporter: TLS 1.3 (the only version DWCP allows) has no tls-unique
+    (RFC 8446 appendix C.5), and Python's ssl module offers no keying-material exporter (RFC 9266)
+    through 3.13."""
+    if server:
+        return server_binding(sock.context)
+    der = sock.getpeercert(binary_form=True)
+    return _end_point(der) if der else None
 
 
 def _need_file(path: PathLike, what: str) -> str:
@@ -45,6 +78,11 @@ def server_context(cert_file: PathLike, key_file: PathLike, *, ca_file: PathLike
     except ssl.SSLError as e:
         raise ConfigError(f"cannot load TLS certificate {cert!r} with key {key!r}: {e.reason or e} "
                           "(do they match, and are they PEM?)") from e
+    # The leaf is the first certificate of the chain file: remember its hash for the channel binding.
+    with open(cert, encoding="ascii", errors="replace") as f:
+        first = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", f.read(), re.S)
+    if first:
+        setattr(ctx, _END_POINT_ATTR, _end_point(ssl.PEM_cert_to_DER_cert(first.group(0))))
     if require_client_cert and ca_file is None:
         raise ConfigError("require_client_cert=True needs ca_file= to verify client certificates")
     if ca_file is not None:
