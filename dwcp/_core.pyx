@@ -262,8 +262,12 @@ cdef class FrameSeal:
         out = bytearray(len(pt) + DWCP_TAG_BYTES)
         cdef unsigned char[::1] o = out
         cdef int rc = dwcp_seal_begin(&self._st, ctr, &hv[0], DWCP_HEADER_BYTES)
-        if not rc and len(pt):
-            rc = dwcp_seal_update(&self._st, &o[0], <const uint8_t *>pt, len(pt))
+        cdef size_t m = len(pt)
+        cdef const uint8_t *src = <const uint8_t *>pt
+        cdef uint8_t *dst = &o[0]
+        if not rc and m:
+            with nogil:
+                rc = dwcp_seal_update(&self._st, dst, src, m)
         if not rc:
             rc = dwcp_seal_finish(&self._st, &o[len(pt)])
         if rc:
@@ -272,6 +276,40 @@ cdef class FrameSeal:
 
     def acceptable(self, uint64_t counter):
         return bool(dwcp_seal_acceptable(&self._st, counter))
+
+    # Piece-by-piece opening, for a reader that gets a payload in several reads (the Python engine):
+    # begin(header) once the header's counter was found acceptable (it is used up here), update(buf)
+    # on each piece in place, verify(tag) at the end.
+    def begin(self, header):
+        cdef bytes h = bytes(header)
+        if len(h) != DWCP_HEADER_BYTES:
+            raise ConfigError("header must be 48 bytes")
+        cdef uint64_t ctr = int.from_bytes(h[32:40], "little")
+        if not dwcp_seal_acceptable(&self._st, ctr):
+            raise convert_error(DWCP_E_AUTH, context=f"open frame (counter {ctr} is not the next, "
+                                f"{self._st.next}: replayed, reordered or dropped frame)")
+        dwcp_seal_accept(&self._st, ctr)
+        if dwcp_seal_begin(&self._st, ctr, <const uint8_t *>h, DWCP_HEADER_BYTES):
+            raise convert_error(DWCP_E_AUTH, context="open frame")
+
+    def update(self, buf):
+        """Decrypt (opening) or encrypt (sealing) buf in place."""
+        cdef Py_buffer view
+        cdef int rc
+        _get_buffer(buf, &view, True, "buf")
+        try:
+            with nogil:
+                rc = dwcp_seal_update(&self._st, <uint8_t *>view.buf, <const uint8_t *>view.buf,
+                                      <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+        if rc:
+            raise convert_error(DWCP_E_AUTH, context="open frame")
+
+    def verify(self, tag):
+        cdef bytes t = bytes(tag)
+        if len(t) != DWCP_TAG_BYTES or dwcp_seal_verify(&self._st, <const uint8_t *>t):
+            raise convert_error(DWCP_E_AUTH, context="open frame (tag does not verify)")
 
     def open(self, header, sealed):
         if self.sealing:

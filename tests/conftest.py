@@ -79,9 +79,6 @@ class SessionPair:
                  **connect_kw: Any) -> None:
         import dwcp
         listen_kw = {"timeout_s": connect_kw.get("timeout_s", 30.0), **(listen_kw or {})}
-        if backend == "python":  # the Python engine does not seal frames: plaintext on both ends
-            listen_kw.setdefault("encrypt", False)
-            connect_kw.setdefault("encrypt", False)
         self.listener = dwcp.listen(("127.0.0.1", 0), key=TEST_KEY, backend=backend, **listen_kw)
         host, port = self.listener.address
         box: dict[str, Any] = {}

@@ -11,8 +11,6 @@ import socket
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from dwcp.errors import CapabilityError
-
 
 class StreamSetLike(Protocol):
     @property
@@ -59,16 +57,15 @@ def make_stream_set(socks: Sequence[socket.socket], *, control: socket.socket | 
     """(engine, name): the C engine unless TLS or the caller asks for the Python one. ``control`` joins
     the session's control connection to the engine's links. The Python engine polls nothing
     (``busy_poll_us`` is for the C engine, which polls without holding the GIL). ``cipher``: every
-    frame is sealed (C engine only); ``direction`` 0 for the client, 1 for the server, and
+    frame is sealed (both engines, the same bytes); ``direction`` 0 for the client, 1 for the server, and
     ``traffic_secrets`` (client-to-server, server-to-client) from the handshake."""
-    if tls or backend == "python":
-        if cipher is not None:
-            raise CapabilityError("the Python engine cannot seal frames (negotiated cipher "
-                                  f"{cipher}): use the C engine, or encrypt=False on both ends")
-        from dwcp.transport.pyengine import PyStreamSet
-        return PyStreamSet(list(socks), control=control, sndbuf_bytes=sndbuf_bytes), "python"
-    from dwcp._core import StreamSet
     tx, rx = traffic_secrets if direction == 0 else traffic_secrets[::-1]
+    if tls or backend == "python":
+        from dwcp.transport.pyengine import PyStreamSet
+        return PyStreamSet(list(socks), control=control, sndbuf_bytes=sndbuf_bytes, cipher=cipher,
+                           direction=direction, tx_secret=tx or None, rx_secret=rx or None,
+                           rekey_bytes=rekey_bytes), "python"
+    from dwcp._core import StreamSet
     return StreamSet([s.fileno() for s in socks], control=None if control is None else control.fileno(),
                      io_threads=io_threads, busy_poll_us=busy_poll_us, sndbuf_bytes=sndbuf_bytes,
                      cipher=cipher, direction=direction, tx_secret=tx or None, rx_secret=rx or None,

@@ -252,7 +252,6 @@ def listen(addr: str | tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | str |
     psk = auth.resolve_key(auth.load_key(key=key, key_file=key_file, env=None if insecure else "DWCP_KEY"),
                            insecure)
     options = SessionOptions(timeout_s=timeout_s, tls=tls, **extra)
-    options.check_engine_can_seal(insecure=psk is None)
     host, port = parse_address(addr, default_host="")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

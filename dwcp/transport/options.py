@@ -119,14 +119,6 @@ class SessionOptions:
             return self.ciphers
         return self.checksums + self.ciphers
 
-    def check_engine_can_seal(self, *, insecure: bool) -> None:
-        """The Python engine does not seal frames: refuse a configuration that would need it to,
-        before any connection is made, instead of silently sending plaintext."""
-        if self.backend == "python" and self.encrypt and not insecure and self.tls is None:
-            raise ConfigError("the Python engine (DWCP_BACKEND=python) cannot seal frames: use the C "
-                              "engine, TLS, or encrypt=False / --no-encrypt on both ends for a "
-                              "trusted link")
-
     def __post_init__(self) -> None:
         if not isinstance(self.streams, int) or not 1 <= self.streams <= MAX_STREAMS:
             raise ConfigError(f"streams must be an integer 1..{MAX_STREAMS}, got {self.streams!r}")

@@ -66,7 +66,8 @@ from dwcp import errors
 from dwcp._buffers import byte_view
 from dwcp.errors import (ConfigError, PeerClosedError, ProtocolError, SessionClosedError,
                          TransferAborted, TransferTimeout, TransportError)
-from dwcp.wire.frames import (HEADER_BYTES, LINK_CONTROL_TYPES, MAX_CHUNK_BYTES, MAX_CONTROL_BYTES,
+from dwcp._core import FrameSeal
+from dwcp.wire.frames import (TAG_BYTES, HEADER_BYTES, LINK_CONTROL_TYPES, MAX_CHUNK_BYTES, MAX_CONTROL_BYTES,
                               STREAM_CONTROL, Flag, FrameType, Header, decode_header, encode_header,
                               payload_checksum)
 
@@ -131,7 +132,7 @@ class _OutFrame:
     private copy (or dropped, if nothing of it was written yet) before the call returns."""
 
     __slots__ = ("header", "payload", "hpos", "ppos", "type", "transfer_id", "chunk", "borrowed",
-                 "attempted")
+                 "attempted", "sealed")
 
     def __init__(self, header: bytes, *, type: int, transfer_id: int, chunk: int = -1,
                  payload: memoryview | None = None) -> None:
@@ -147,18 +148,21 @@ class _OutFrame:
         # some of the frame, which must then be completed with the same bytes: such a frame counts
         # as started even though hpos is still 0.
         self.attempted = False
+        # Sealed sessions: the frame has its counter (sealed right before its first write, so
+        # counters follow wire order) and must go out, or the peer would see a gap.
+        self.sealed = False
 
     @property
     def started(self) -> bool:
-        return self.hpos > 0 or self.attempted
+        return self.hpos > 0 or self.attempted or self.sealed
 
     @property
     def done(self) -> bool:
-        return self.hpos == HEADER_BYTES and (self.payload is None or self.ppos == len(self.payload))
+        return self.hpos == len(self.header) and (self.payload is None or self.ppos == len(self.payload))
 
     def advance(self, n: int) -> int:
         """Account n written bytes; returns how many of them were left over for the next frame."""
-        h = min(n, HEADER_BYTES - self.hpos)
+        h = min(n, len(self.header) - self.hpos)
         self.hpos += h
         n -= h
         if self.payload is not None and n:
@@ -166,6 +170,26 @@ class _OutFrame:
             self.ppos += p
             n -= p
         return n
+
+    def seal(self, seal: FrameSeal) -> None:
+        """Give the frame its counter and encrypt it (docs/protocol.md "Sealed frames"): the header is
+        rebuilt with flag SEALED (COMPRESSED kept, no checksum bit); a payload becomes ciphertext
+        plus tag (private memory), a frame without payload carries its tag after the header."""
+        h = decode_header(self.header[:HEADER_BYTES], MAX_CHUNK_BYTES)
+        inline = self.header[HEADER_BYTES:]  # control frames keep their payload after the header
+        body = bytes(self.payload) if self.payload is not None else inline
+        plain = encode_header(Header(type=h.type, flags=(h.flags & int(Flag.COMPRESSED)) | int(Flag.SEALED),
+                                     stream=h.stream, length=h.length, transfer_id=h.transfer_id,
+                                     offset=h.offset, checksum=0))
+        header, sealed = seal.seal(plain, body)
+        if self.payload is not None:
+            self.payload.release()
+        if body:
+            self.header, self.payload = header, memoryview(sealed)
+        else:
+            self.header, self.payload = header + sealed, None
+        self.borrowed = False
+        self.sealed = True
 
     def detach(self) -> None:
         """Replace the borrowed payload by a private copy of its unwritten part (see module doc)."""
@@ -206,6 +230,13 @@ class _Stream:
         self.parked: Header | None = None
         self.outstanding: set[int] = set()        # sender: chunks pulled by this stream, not ACKed
         self.mask = 0                             # events currently registered with the selector
+        # Sealed sessions (set by PyStreamSet): this link's sealing and opening state, and the tag of
+        # the frame being read (rx_tag_for: its header, once the payload, if any, is in).
+        self.tx_seal: FrameSeal | None = None
+        self.rx_seal: FrameSeal | None = None
+        self.tagbuf = bytearray(TAG_BYTES)
+        self.tagpos = 0
+        self.rx_tag_for: Header | None = None
 
     def rx_pending(self) -> bool:
         """Decrypted bytes wait inside the SSL object: the socket may never turn readable for them."""
@@ -227,6 +258,8 @@ class _Stream:
         self.rx_header = None
         self.rx_remaining = 0
         self.parked = None
+        self.tagpos = 0
+        self.rx_tag_for = None
 
     def send_frames(self) -> int:
         """Write as much of the queued frames as the socket takes now; returns bytes written.
@@ -237,9 +270,15 @@ class _Stream:
         same bytes: we always retry with the same slice (positions only advance after a write
         returned), so the rule holds without bookkeeping, even after detach() moved the bytes."""
         head = self.out[0]
+        if self.tx_seal is not None and not head.sealed:
+            head.seal(self.tx_seal)
         if head.payload is None:
             frames: list[_OutFrame] = []
             for f in self.out:
+                if self.tx_seal is not None and not f.sealed:
+                    if f.payload is not None:  # a data frame stops the batch: seal it when it is head
+                        break
+                    f.seal(self.tx_seal)
                 if f.payload is not None or len(frames) == _MAX_COALESCE:
                     break
                 frames.append(f)
@@ -257,11 +296,11 @@ class _Stream:
         payload = head.payload
         if self.ssl_sock is not None:
             head.attempted = True
-            if head.hpos < HEADER_BYTES:
+            if head.hpos < len(head.header):
                 n = self.sock.send(memoryview(head.header)[head.hpos:])
             else:
                 n = self.sock.send(payload[head.ppos:head.ppos + _SSL_PIECE])
-        elif head.hpos < HEADER_BYTES:
+        elif head.hpos < len(head.header):
             n = self.sock.sendmsg([memoryview(head.header)[head.hpos:], payload[head.ppos:]])
         else:
             n = self.sock.send(payload[head.ppos:])
@@ -303,6 +342,10 @@ class _Transfer(abc.ABC):
     @abc.abstractmethod
     def progress(self) -> str:
         """Where the transfer stands, for error messages."""
+
+    def data_complete(self) -> bool:
+        """Every byte of the transfer is settled (the call may still be flushing courtesy frames)."""
+        return self.complete()
 
     def header(self, st: _Stream, type: int, offset: int) -> _OutFrame:
         """A header-only frame of this transfer for stream st. Flags 0, as the C engine writes them:
@@ -706,6 +749,11 @@ class _RecvTransfer(_Transfer):
         # Return only once DONE (and any ACKs) left on every live stream: the sender may need them.
         return self.done_sent and not any(s.out for s in self.owner._live())
 
+    def data_complete(self) -> bool:
+        # Every chunk is verified: a sender that read DONE on one link may close at once, before the
+        # DONE queued on the others is written; its CLOSE then waits for the next call.
+        return self.done_sent
+
     def progress(self) -> str:
         return f"{self.verified.count()}/{self.total} chunks verified"
 
@@ -776,7 +824,9 @@ class PyStreamSet:
     threads while a transfer runs."""
 
     def __init__(self, socks: Sequence[socket.socket], *, control: socket.socket | None = None,
-                 sndbuf_bytes: int = 0) -> None:
+                 sndbuf_bytes: int = 0, cipher: str | None = None, direction: int = 0,
+                 tx_secret: bytes | None = None, rx_secret: bytes | None = None,
+                 rekey_bytes: int = 0) -> None:
         if not 1 <= len(socks) <= MAX_STREAMS:
             raise ConfigError(f"a stream set needs 1 to {MAX_STREAMS} sockets, got {len(socks)}")
         fds = [s.fileno() for s in [*socks, *([control] if control is not None else [])]]
@@ -789,6 +839,15 @@ class PyStreamSet:
         self._streams = [_Stream(i, s) for i, s in enumerate(socks)]
         if control is not None:
             self._streams.append(_Stream(len(socks), control, control=True))
+        self.sealed = cipher is not None
+        if cipher is not None:
+            if not tx_secret or not rx_secret or direction not in (0, 1):
+                raise ConfigError("a sealed stream set needs tx_secret, rx_secret and direction 0 or 1")
+            for st in self._streams:
+                st.tx_seal = FrameSeal(cipher, tx_secret, sealing=True, direction=direction, link=st.wire,
+                                       rekey_bytes=rekey_bytes)
+                st.rx_seal = FrameSeal(cipher, rx_secret, sealing=False, direction=1 - direction,
+                                       link=st.wire, rekey_bytes=rekey_bytes)
         self._inbox: deque[tuple[int, int, bytes]] = deque()   # control frames for next_control()
         self._last_begin_id = -1
         self._done_recv: tuple[int, int] | None = None         # (id, length) of the last receive done
@@ -937,7 +996,10 @@ class PyStreamSet:
 
     def stats(self) -> dict[str, int]:
         """Counters over the set's life (same keys as the C engine's ``dwcp_stats``)."""
-        return dict(self._stats)
+        out = dict(self._stats)
+        out["rekeys"] = sum((st.tx_seal.rekeys + st.rx_seal.rekeys) for st in self._streams
+                            if st.tx_seal is not None and st.rx_seal is not None)
+        return out
 
     @property
     def closed(self) -> bool:
@@ -1211,6 +1273,14 @@ class PyStreamSet:
             while moved < _VISIT_BUDGET and st.parked is None:
                 h = st.rx_header
                 if h is None:
+                    if st.rx_tag_for is not None:  # a sealed frame without payload: its tag
+                        moved += self._read_tag(st)
+                        h, st.rx_tag_for = st.rx_tag_for, None
+                        self._open(st, h, tag=True)
+                        self._dispatch(st, h, xfer)
+                        if xfer.complete():
+                            break
+                        continue
                     n = st.sock.recv_into(st.hview[st.hpos:], HEADER_BYTES - st.hpos)
                     if not n:
                         raise _StreamDied("peer closed the stream (EOF)")
@@ -1219,26 +1289,43 @@ class PyStreamSet:
                     if st.hpos == HEADER_BYTES:
                         st.hpos = 0
                         h = self._decode(st)
-                        if h.type in LINK_CONTROL_TYPES:
-                            self._control_header(st, h, xfer)
-                        else:
-                            xfer.on_header(st, h)
+                        if st.rx_seal is not None:
+                            if not h.length:
+                                st.rx_tag_for = h
+                                continue
+                            self._open(st, h, tag=False)
+                        self._dispatch(st, h, xfer)
                         if xfer.complete():
                             break
                     continue
                 if st.rx_remaining:
                     if st.rx_ctl is not None:
                         pos = len(st.rx_ctl) - st.rx_remaining
-                        n = st.sock.recv_into(memoryview(st.rx_ctl)[pos:], st.rx_remaining)
+                        piece = memoryview(st.rx_ctl)[pos:]
+                        n = st.sock.recv_into(piece, st.rx_remaining)
                     elif st.rx_target is not None:
                         pos = len(st.rx_target) - st.rx_remaining
-                        n = st.sock.recv_into(st.rx_target[pos:], st.rx_remaining)
+                        piece = st.rx_target[pos:]
+                        n = st.sock.recv_into(piece, st.rx_remaining)
                     else:
-                        n = st.sock.recv_into(self._scratch, min(st.rx_remaining, len(self._scratch)))
+                        piece = self._scratch
+                        n = st.sock.recv_into(piece, min(st.rx_remaining, len(self._scratch)))
                     if not n:
                         raise _StreamDied("peer closed the stream (EOF) in the middle of a frame")
+                    if st.rx_seal is not None:
+                        self._decrypt(st, piece[:n])  # in place, while the bytes are in cache
                     moved += n
                     st.rx_remaining -= n
+                if not st.rx_remaining and st.rx_seal is not None and st.tagpos < TAG_BYTES:
+                    moved += self._read_tag(st)
+                    try:
+                        st.rx_seal.verify(bytes(st.tagbuf))
+                    except ProtocolError as e:
+                        self._stat("auth_failures")
+                        assert st.rx_header is not None
+                        raise _violation(f"{FrameType(st.rx_header.type).name} frame failed "
+                                         "authentication (altered or injected on the path)",
+                                         errors.E_AUTH, st.index) from e
                 if not st.rx_remaining:
                     try:
                         if st.rx_ctl is not None:
@@ -1251,6 +1338,7 @@ class PyStreamSet:
                     finally:
                         st.discard_rest()
                         st.rx_header = None
+                        st.tagpos = 0
                     if xfer.complete():
                         break
         except _WOULD_BLOCK:
@@ -1262,6 +1350,45 @@ class PyStreamSet:
         self._stat("bytes_wire", moved)
         return moved
 
+    def _dispatch(self, st: _Stream, h: Header, xfer: _Transfer) -> None:
+        if h.type in LINK_CONTROL_TYPES:
+            self._control_header(st, h, xfer)
+        else:
+            xfer.on_header(st, h)
+
+    def _read_tag(self, st: _Stream) -> int:
+        """Read the rest of a sealed frame's tag into st.tagbuf (raises _WOULD_BLOCK until it is in)."""
+        got = 0
+        while st.tagpos < TAG_BYTES:
+            n = st.sock.recv_into(memoryview(st.tagbuf)[st.tagpos:], TAG_BYTES - st.tagpos)
+            if not n:
+                raise _StreamDied("peer closed the stream (EOF) in the middle of a frame")
+            st.tagpos += n
+            got += n
+        return got
+
+    def _open(self, st: _Stream, h: Header, *, tag: bool) -> None:
+        """Sealed links: use up h's counter (it must be the link's next) and start opening the frame;
+        tag: a frame without payload, whose tag was just read, is verified at once."""
+        assert st.rx_seal is not None
+        try:
+            st.rx_seal.begin(bytes(st.hbuf))
+            if tag:
+                st.rx_seal.verify(bytes(st.tagbuf))
+        except ProtocolError as e:
+            self._stat("auth_failures")
+            raise _violation(f"{FrameType(h.type).name} frame failed authentication or came out of "
+                             "order (replayed, dropped or injected on the path)", errors.E_AUTH,
+                             st.index) from e
+        st.tagpos = 0
+
+    def _decrypt(self, st: _Stream, piece: memoryview) -> None:
+        assert st.rx_seal is not None
+        try:
+            st.rx_seal.update(piece)
+        except ProtocolError as e:
+            raise _violation("a sealed payload could not be decrypted", errors.E_AUTH, st.index) from e
+
     def _decode(self, st: _Stream) -> Header:
         try:
             h = decode_header(st.hbuf, MAX_CHUNK_BYTES)
@@ -1270,6 +1397,9 @@ class PyStreamSet:
         if h.stream != st.wire:
             raise _violation(f"frame carries stream index {h.stream} on stream {st.wire}",
                              errors.E_STREAM, st.index)
+        if bool(h.flags & Flag.SEALED) != self.sealed:
+            raise _violation(f"{'plaintext' if self.sealed else 'sealed'} frame on a "
+                             f"{'sealed' if self.sealed else 'plaintext'} session", errors.E_FLAGS, st.index)
         if h.type in _NO_PAYLOAD_TYPES and h.length:
             raise _violation(f"{FrameType(h.type).name} frame with a {h.length}-byte payload",
                              errors.E_LENGTH, st.index)
@@ -1300,7 +1430,8 @@ class PyStreamSet:
         if h.length > MAX_CONTROL_BYTES or (h.type == FrameType.CLOSE and h.length):
             raise _violation(f"{FrameType(h.type).name} frame with a {h.length}-byte payload",
                              errors.E_LENGTH, st.index)
-        if (h.flags != int(Flag.CSUM_CRC32C)) if h.length else h.flags:
+        if (h.flags != int(Flag.SEALED)) if self.sealed else \
+                ((h.flags != int(Flag.CSUM_CRC32C)) if h.length else h.flags):
             raise _violation(f"{FrameType(h.type).name} frame with flags 0x{h.flags:x}", errors.E_FLAGS,
                              st.index)
         if h.offset or (h.type == FrameType.CLOSE and h.transfer_id):
@@ -1318,7 +1449,7 @@ class PyStreamSet:
         h = st.rx_header
         assert h is not None and st.rx_ctl is not None
         payload = bytes(st.rx_ctl)
-        if payload_checksum(int(Flag.CSUM_CRC32C), payload) != h.checksum:
+        if not self.sealed and payload_checksum(int(Flag.CSUM_CRC32C), payload) != h.checksum:
             raise _violation(f"{FrameType(h.type).name} payload checksum mismatch", errors.E_CHECKSUM,
                              st.index)
         self._control_done(st, h, payload, xfer)
@@ -1332,7 +1463,7 @@ class PyStreamSet:
                     self._reply_done(st)
                 return
             self._last_begin_id = h.transfer_id
-        elif xfer.moves_data and not xfer.complete():
+        elif xfer.moves_data and not xfer.data_complete():
             # A peer that closes right after its receive completed wrote DONE ahead of CLOSE on this
             # very link, so a complete transfer lets the frame wait in the inbox for the next call.
             self._stat("control_frames")
@@ -1363,6 +1494,7 @@ class PyStreamSet:
                     f = st.out.popleft()
                     if f.payload is not None:
                         f.payload.release()
+                        f.payload = None  # done stays true for whoever still holds the frame
         except _WOULD_BLOCK:
             pass
         except (OSError, ssl.SSLError) as e:

@@ -36,7 +36,7 @@ def test_fds_threads_and_memory_stay_flat_across_1000_sessions(engine: str) -> N
     small = os.urandom(8 << 10)
     errors: list[BaseException] = []
     closed: queue.Queue[int] = queue.Queue()   # the server finished session i
-    with dwcp.listen(("127.0.0.1", 0), key=TEST_KEY, backend=engine, encrypt=engine == "c") as lis:
+    with dwcp.listen(("127.0.0.1", 0), key=TEST_KEY, backend=engine) as lis:
 
         def serve() -> None:
             try:
@@ -55,8 +55,7 @@ def test_fds_threads_and_memory_stay_flat_across_1000_sessions(engine: str) -> N
         server.start()
         marks: dict[int, tuple[int, int, int]] = {}
         for i in range(sessions):
-            with dwcp.connect(lis.address, key=TEST_KEY, streams=1 + i % 4, backend=engine,
-                              encrypt=engine == "c") as c:
+            with dwcp.connect(lis.address, key=TEST_KEY, streams=1 + i % 4, backend=engine) as c:
                 c.send(big if i % 10 == 0 else small)
                 c.send(small)
             if i in (sessions // 10, sessions - 1):

@@ -47,7 +47,6 @@ class Peer:
     def ensure(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
             env = dict(os.environ, DWCP_KEY=TEST_KEY.decode(), DWCP_BACKEND=self.backend,
-                       DWCP_ENCRYPT="1" if self.backend == "c" else "0",
                        PYTHONPATH=os.getcwd())
             # Its sessions fail by design here; their warnings would only bury this test's output.
             self.proc = subprocess.Popen([sys.executable, PEER, "digest", str(TIMEOUT_S)], stdout=subprocess.PIPE,
@@ -96,7 +95,6 @@ def test_random_connection_and_peer_kills_never_hang(can_destroy_sockets: None, 
             streams = rng.choice([1, 2, 4, 8])
             try:
                 s = dwcp.connect(("127.0.0.1", port), key=TEST_KEY, streams=streams, backend=backend,
-                                 encrypt=backend == "c",
                                  chunk_bytes=rng.choice([64 << 10, 256 << 10, 1 << 20]), timeout_s=TIMEOUT_S)
             except DWCPError:
                 counts["connect_failed"] += 1   # the peer was being killed or restarted
