@@ -1033,6 +1033,47 @@ static int send_failed(wctx *c, lnk *t)
     return -1;
 }
 
+/* What each piece of a sendmsg is (tx_step, tx_step_sealed). */
+enum { TX_CARRY, TX_DATA, TX_AHEAD /* queued, goes before the sealed DATA frame */, TX_QUEUE };
+
+/* Account n of want bytes written from pieces v of kinds vk. Returns 1 to go on, 0 when the socket
+ * took less than offered (its buffer is full: wait for the next edge). */
+static int tx_written(lnk *t, const struct iovec *v, const int *vk, int nv, size_t n, size_t want)
+{
+    size_t rest = n;
+    for (int i = 0; i < nv && rest; i++) {
+        size_t take = rest < v[i].iov_len ? rest : v[i].iov_len;
+        rest -= take;
+        if (vk[i] == TX_CARRY) {
+            t->carry_off += take;
+            if (t->carry_off == t->carry_len)
+                carry_free(t);
+        } else if (vk[i] == TX_DATA) {
+            t->tx_sent += take;
+            if (t->tx_sent == tx_frame_bytes(t)) {
+                t->tx_active = 0;
+                t->tx_sealed = 0;
+                t->tx_sent = 0;
+                t->wq_ahead = 0;
+            }
+        } else {
+            if (vk[i] == TX_AHEAD)
+                t->wq_ahead -= take;
+            t->wq_off += take;
+            if (t->wq_off == t->wq_len) {
+                t->wq_off = t->wq_len = t->wq_sealed = 0;
+                t->wq_acks = 0;
+                t->wq_urgent = 0;
+            }
+        }
+    }
+    if (n < want) {
+        t->writable = 0;
+        return 0;
+    }
+    return 1;
+}
+
 /* tx_step for sealed links. Wire order: carry, the wq_ahead queued bytes, the DATA frame, the rest of
  * the queue. Everything is sealed right before its first sendmsg, queued frames first, so counters
  * follow that order; no zero-copy (the ciphertext buffer is reused at once). */
@@ -1053,23 +1094,23 @@ static int tx_step_sealed(wctx *c, lnk *t)
         t->wq_ahead = t->wq_len - t->wq_off;
     }
     struct iovec v[5];
-    int vk[5], nv = 0; /* 0 carry, 1 data, 2 queue ahead of data, 3 queue */
+    int vk[5], nv = 0;
     if (t->carry) {
         v[nv].iov_base = t->carry + t->carry_off;
         v[nv].iov_len = t->carry_len - t->carry_off;
-        vk[nv++] = 0;
+        vk[nv++] = TX_CARRY;
     }
     size_t ahead = t->tx_active ? t->wq_ahead : 0;
     if (ahead) {
         v[nv].iov_base = t->wq + t->wq_off;
         v[nv].iov_len = ahead;
-        vk[nv++] = 2;
+        vk[nv++] = TX_AHEAD;
     }
     if (t->tx_active) {
         if (t->tx_sent < DWCP_HEADER_BYTES) {
             v[nv].iov_base = t->tx_hdr + t->tx_sent;
             v[nv].iov_len = DWCP_HEADER_BYTES - t->tx_sent;
-            vk[nv++] = 1;
+            vk[nv++] = TX_DATA;
         }
         uint64_t p = t->tx_sent > DWCP_HEADER_BYTES ? t->tx_sent - DWCP_HEADER_BYTES : 0;
         if (p == t->ct_lo + t->ct_n && p < t->tx_pay_len + DWCP_TAG_BYTES) {
@@ -1085,12 +1126,12 @@ static int tx_step_sealed(wctx *c, lnk *t)
         }
         v[nv].iov_base = t->tx_ct + (p - t->ct_lo);
         v[nv].iov_len = t->ct_lo + t->ct_n - p;
-        vk[nv++] = 1;
+        vk[nv++] = TX_DATA;
     }
     if (t->wq_len - t->wq_off > ahead) {
         v[nv].iov_base = t->wq + t->wq_off + ahead;
         v[nv].iov_len = t->wq_len - t->wq_off - ahead;
-        vk[nv++] = 3;
+        vk[nv++] = TX_QUEUE;
     }
     if (!nv)
         return 0;
@@ -1105,38 +1146,7 @@ static int tx_step_sealed(wctx *c, lnk *t)
     if (n < 0)
         return send_failed(c, t);
     progress(c, (size_t)n);
-    size_t rest = (size_t)n;
-    for (int i = 0; i < nv && rest; i++) {
-        size_t take = rest < v[i].iov_len ? rest : v[i].iov_len;
-        rest -= take;
-        if (vk[i] == 0) {
-            t->carry_off += take;
-            if (t->carry_off == t->carry_len)
-                carry_free(t);
-        } else if (vk[i] == 1) {
-            t->tx_sent += take;
-            if (t->tx_sent == tx_frame_bytes(t)) {
-                t->tx_active = 0;
-                t->tx_sealed = 0;
-                t->tx_sent = 0;
-                t->wq_ahead = 0;
-            }
-        } else {
-            if (vk[i] == 2)
-                t->wq_ahead -= take;
-            t->wq_off += take;
-            if (t->wq_off == t->wq_len) {
-                t->wq_off = t->wq_len = t->wq_sealed = 0;
-                t->wq_acks = 0;
-                t->wq_urgent = 0;
-            }
-        }
-    }
-    if ((size_t)n < want) {
-        t->writable = 0;
-        return 0;
-    }
-    return 1;
+    return tx_written(t, v, vk, nv, (size_t)n, want);
 }
 
 /* One send step of everything t has queued. Returns -1 if the link died, 0 if it would block, 1 to go
@@ -1147,27 +1157,27 @@ static int tx_step(wctx *c, lnk *t)
         return tx_step_sealed(c, t);
     dwcp_streams *s = c->s;
     struct iovec iov[4];
-    int kind[4]; /* 0 carry, 1 data frame, 2 queue */
+    int kind[4];
     int niov = 0;
     if (t->carry) {
         iov[niov].iov_base = t->carry + t->carry_off;
         iov[niov].iov_len = t->carry_len - t->carry_off;
-        kind[niov++] = 0;
+        kind[niov++] = TX_CARRY;
     }
     int started = t->tx_active && t->tx_sent > 0;
     int data_at = -1;
     if (started) {
         data_at = niov;
-        kind[niov++] = 1;
+        kind[niov++] = TX_DATA;
     }
     if (wq_pending(t)) {
         iov[niov].iov_base = t->wq + t->wq_off;
         iov[niov].iov_len = t->wq_len - t->wq_off;
-        kind[niov++] = 2;
+        kind[niov++] = TX_QUEUE;
     }
     if (t->tx_active && !started) {
         data_at = niov;
-        kind[niov++] = 1;
+        kind[niov++] = TX_DATA;
     }
     /* The data frame is two pieces (header rest, payload rest): expand it in place. */
     struct iovec v[5];
@@ -1181,19 +1191,19 @@ static int tx_step(wctx *c, lnk *t)
         if (t->tx_sent < DWCP_HEADER_BYTES) {
             v[nv].iov_base = t->tx_hdr + t->tx_sent;
             v[nv].iov_len = DWCP_HEADER_BYTES - t->tx_sent;
-            vk[nv++] = 1;
+            vk[nv++] = TX_DATA;
             if (t->tx_pay_len) {
                 v[nv].iov_base = (void *)t->tx_pay;
                 v[nv].iov_len = t->tx_pay_len;
                 pay_at = nv;
-                vk[nv++] = 1;
+                vk[nv++] = TX_DATA;
             }
         } else {
             size_t po = t->tx_sent - DWCP_HEADER_BYTES;
             v[nv].iov_base = (void *)(t->tx_pay + po);
             v[nv].iov_len = t->tx_pay_len - po;
             pay_at = nv;
-            vk[nv++] = 1;
+            vk[nv++] = TX_DATA;
         }
     }
     if (!nv)
@@ -1233,34 +1243,7 @@ static int tx_step(wctx *c, lnk *t)
         DWCP_ADD(c->w->st.zc_sends, 1);
     }
     progress(c, (size_t)n);
-    size_t rest = (size_t)n;
-    for (int i = 0; i < nv && rest; i++) {
-        size_t take = rest < v[i].iov_len ? rest : v[i].iov_len;
-        rest -= take;
-        if (vk[i] == 0) {
-            t->carry_off += take;
-            if (t->carry_off == t->carry_len)
-                carry_free(t);
-        } else if (vk[i] == 1) {
-            t->tx_sent += take;
-            if (t->tx_sent == DWCP_HEADER_BYTES + t->tx_pay_len) {
-                t->tx_active = 0;
-                t->tx_sent = 0;
-            }
-        } else {
-            t->wq_off += take;
-            if (t->wq_off == t->wq_len) {
-                t->wq_off = t->wq_len = 0;
-                t->wq_acks = 0;
-                t->wq_urgent = 0;
-            }
-        }
-    }
-    if ((size_t)n < want) {
-        t->writable = 0;
-        return 0;
-    }
-    return 1;
+    return tx_written(t, v, vk, nv, (size_t)n, want);
 }
 
 static void link_write(wctx *c, lnk *t)

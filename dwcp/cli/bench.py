@@ -66,6 +66,18 @@ def _io_threads_option(f: Any) -> Any:
                              "never more than streams).")(f)
 
 
+INSECURE_WARNING = ("warning: --insecure: no authentication and no encryption; anyone on the path can "
+                    "read, alter or inject the data")
+
+
+def _warn_plaintext(insecure: bool, no_encrypt: bool) -> None:
+    if insecure:
+        click.echo(INSECURE_WARNING, err=True)
+    elif no_encrypt:
+        click.echo("note: --no-encrypt: frames are plaintext (checksummed) unless the peer requires "
+                   "encryption", err=True)
+
+
 def _key_options(f: Any) -> Any:
     f = click.option("--no-encrypt", "no_encrypt", is_flag=True,
                      help="Plaintext (checksummed) frames for a link you trust; frames are sealed "
@@ -131,6 +143,7 @@ def main() -> None:
 def server(bind: str, once: bool, io_threads: int, sndbuf_bytes: int, key_file: str | None,
            insecure: bool, no_encrypt: bool) -> None:
     """Receive benchmark traffic from `dwcp-bench client`."""
+    _warn_plaintext(insecure, no_encrypt)
     try:
         lis = dwcp.listen(parse_address(bind, default_port=DEFAULT_PORT), key_file=key_file,
                           insecure=insecure, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes,
@@ -367,6 +380,7 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
            buffer_bytes: int, interval_s: float, as_json: bool, io_threads: int, sndbuf_bytes: int,
            key_file: str | None, insecure: bool, no_encrypt: bool) -> None:
     """Send to a `dwcp-bench server` at HOST (HOST:PORT, or HOST with -p PORT)."""
+    _warn_plaintext(insecure, no_encrypt)
     try:
         h, p = client_address(host, port)
         addr = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"

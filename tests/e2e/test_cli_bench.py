@@ -50,8 +50,38 @@ def test_server_client_pair_with_key_file(tmp_path: object) -> None:
                 "--key-file", str(key))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["streams"] == 3
+        assert json.loads(r.stdout)["cipher"] == "aes-128-gcm"  # sealed by default with a key
         srv.wait(timeout=20)
         assert srv.returncode == 0
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+@pytest.mark.parametrize("server_flags,client_flags,cipher,warning", [
+    (["--no-encrypt"], ["--no-encrypt"], "none", "--no-encrypt"),
+    (["--no-encrypt"], [], "aes-128-gcm", None),          # either end asking for encryption gets it
+    (["--insecure"], ["--insecure"], "none", "no authentication and no encryption"),
+])
+def test_frame_protection_flags(server_flags: list[str], client_flags: list[str], cipher: str,
+                                warning: str | None) -> None:
+    env = {**os.environ, "DWCP_KEY": TEST_KEY.decode()}
+    if "--insecure" in server_flags:
+        env.pop("DWCP_KEY")
+    srv = subprocess.Popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", "127.0.0.1:0",
+                            "--once", *server_flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env)
+    try:
+        assert srv.stdout is not None
+        port = srv.stdout.readline().rsplit(":", 1)[1].strip()
+        r = subprocess.run([sys.executable, "-m", "dwcp.cli.bench", "client", f"127.0.0.1:{port}", "-t", "0.5",
+                            "--json", *client_flags], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["cipher"] == cipher
+        if warning:
+            assert warning in r.stderr
+        srv.wait(timeout=20)
+        assert srv.stderr is not None and f"frames {cipher}" in srv.stderr.read()
     finally:
         srv.kill()
         srv.wait()
