@@ -1033,6 +1033,23 @@ static int send_failed(wctx *c, lnk *t)
     return -1;
 }
 
+static size_t iov_bytes(const struct iovec *v, int nv)
+{
+    size_t n = 0;
+    for (int i = 0; i < nv; i++)
+        n += v[i].iov_len;
+    return n;
+}
+
+static ssize_t sendv(int fd, struct iovec *v, int nv, int flags)
+{
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = v;
+    msg.msg_iovlen = (size_t)nv;
+    return sendmsg(fd, &msg, flags);
+}
+
 /* What each piece of a sendmsg is (tx_step, tx_step_sealed). */
 enum { TX_CARRY, TX_DATA, TX_AHEAD /* queued, goes before the sealed DATA frame */, TX_QUEUE };
 
@@ -1135,14 +1152,8 @@ static int tx_step_sealed(wctx *c, lnk *t)
     }
     if (!nv)
         return 0;
-    size_t want = 0;
-    for (int i = 0; i < nv; i++)
-        want += v[i].iov_len;
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = v;
-    msg.msg_iovlen = (size_t)nv;
-    ssize_t n = sendmsg(t->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    size_t want = iov_bytes(v, nv);
+    ssize_t n = sendv(t->fd, v, nv, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (n < 0)
         return send_failed(c, t);
     progress(c, (size_t)n);
@@ -1221,19 +1232,13 @@ static int tx_step(wctx *c, lnk *t)
             zc = 1;
         }
     }
-    size_t want = 0;
-    for (int i = 0; i < nv; i++)
-        want += v[i].iov_len;
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = v;
-    msg.msg_iovlen = (size_t)nv;
-    ssize_t n = sendmsg(t->fd, &msg, flags);
+    size_t want = iov_bytes(v, nv);
+    ssize_t n = sendv(t->fd, v, nv, flags);
     if (n < 0 && zc && errno == ENOBUFS) {
         /* Too many un-reaped notifications (optmem_max): reap and send this one copied. */
         zc_reap(s, t, &c->w->st);
         zc = 0;
-        n = sendmsg(t->fd, &msg, flags & ~MSG_ZEROCOPY);
+        n = sendv(t->fd, v, nv, flags & ~MSG_ZEROCOPY);
     }
     if (n < 0)
         return send_failed(c, t);

@@ -174,12 +174,17 @@ def hkdf_expand_sha256(prk, info, Py_ssize_t length):
     return bytes(out)
 
 
+cdef int _check_key_nonce(int cid, object cipher, bytes k, bytes n) except -1:
+    if len(k) != dwcp_cipher_key_bytes(cid) or len(n) != DWCP_NONCE_BYTES:
+        raise ConfigError(f"{cipher}: key must be {dwcp_cipher_key_bytes(cid)} bytes and nonce 12")
+    return 0
+
+
 def aead_seal(cipher, key, nonce, aad, plaintext):
     """One-shot AEAD encryption with the engine's code: ciphertext followed by the 16-byte tag."""
     cdef int cid = _cipher_id(cipher)
     cdef bytes k = bytes(key), n = bytes(nonce), a = bytes(aad), pt = bytes(plaintext)
-    if len(k) != dwcp_cipher_key_bytes(cid) or len(n) != DWCP_NONCE_BYTES:
-        raise ConfigError(f"{cipher}: key must be {dwcp_cipher_key_bytes(cid)} bytes and nonce 12")
+    _check_key_nonce(cid, cipher, k, n)
     out = bytearray(len(pt) + DWCP_TAG_BYTES)
     cdef unsigned char[::1] o = out
     cdef int rc = dwcp_aead_oneshot(cid, 1, <const uint8_t *>k, <const uint8_t *>n, <const uint8_t *>a,
@@ -193,8 +198,7 @@ def aead_open(cipher, key, nonce, aad, sealed):
     """Inverse of aead_seal; ProtocolError (code E_AUTH) when the tag does not verify."""
     cdef int cid = _cipher_id(cipher)
     cdef bytes k = bytes(key), n = bytes(nonce), a = bytes(aad), ct = bytes(sealed)
-    if len(k) != dwcp_cipher_key_bytes(cid) or len(n) != DWCP_NONCE_BYTES:
-        raise ConfigError(f"{cipher}: key must be {dwcp_cipher_key_bytes(cid)} bytes and nonce 12")
+    _check_key_nonce(cid, cipher, k, n)
     if len(ct) < DWCP_TAG_BYTES:
         raise convert_error(DWCP_E_AUTH, context="aead_open (shorter than a tag)")
     cdef Py_ssize_t m = len(ct) - DWCP_TAG_BYTES
