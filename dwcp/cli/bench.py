@@ -395,13 +395,17 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
 
 @main.command()
 @_client_options
+@click.option("--no-encrypt", "no_encrypt", is_flag=True,
+              help="Plaintext (checksummed) frames on both ends, to see what sealing costs.")
 def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, interval_s: float,
-             as_json: bool, io_threads: int, sndbuf_bytes: int) -> None:
-    """Run a server in a child process on 127.0.0.1 and measure against it (random in-process key)."""
+             as_json: bool, io_threads: int, sndbuf_bytes: int, no_encrypt: bool) -> None:
+    """Run a server in a child process on 127.0.0.1 and measure against it (random in-process key;
+    frames sealed unless --no-encrypt)."""
     key = secrets.token_hex(32)
     env = dict(os.environ, DWCP_KEY=key)  # never on the command line, where `ps` would show it
     proc = subprocess.Popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", "127.0.0.1:0",
-                             "--once", "-T", str(io_threads), "-w", str(sndbuf_bytes)], stdout=subprocess.PIPE,
+                             "--once", "-T", str(io_threads), "-w", str(sndbuf_bytes),
+                             *(["--no-encrypt"] if no_encrypt else [])], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE,
                             env=env, text=True)
     try:
@@ -413,7 +417,8 @@ def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, 
         port = int(line.rsplit(":", 1)[1])
         result = run_client(f"127.0.0.1:{port}", streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=key, key_file=None,
-                            insecure=False, quiet=as_json, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes)
+                            insecure=False, quiet=as_json, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes,
+                            encrypt=not no_encrypt)
         result["mode"] = "loopback"
     except DWCPError as e:
         raise click.ClickException(str(e)) from e

@@ -28,6 +28,13 @@ def test_loopback_json(streams: int) -> None:
     assert out["bytes"] > 0 and out["throughput_bps"] > 0
     assert out["intervals"] and sum(iv["bytes"] for iv in out["intervals"]) <= out["bytes"]
     assert 0 < out["cpu"]["client_percent"] and 0 < out["cpu"]["server_percent"]
+    assert out["cipher"] == "aes-128-gcm"
+
+
+def test_loopback_no_encrypt_measures_plaintext_frames() -> None:
+    r = run("dwcp.cli.bench", "loopback", "-P", "2", "-t", "0.5", "--json", "--no-encrypt")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cipher"] == "none"
 
 
 def test_loopback_text_report() -> None:
