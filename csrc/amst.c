@@ -1692,6 +1692,11 @@ static int payload_done(wctx *c, lnk *t)
     /* A sealed frame that fails its tag kills the link with the chunk still marked in flight on it,
      * so link_die gives the chunk back (the sender re-sends it on another link). */
     if (t->sealed && (t->rx_bad || dwcp_seal_verify(&t->rx_seal, t->rx_tag) < 0)) {
+        /* GCM is malleable until the tag is checked: an attacker's bit flips reached the
+         * destination with the in-place decryption. Wipe them, so a caller who uses the buffer of
+         * a failed call still never sees bytes an attacker chose. */
+        if (mode == RX_DEST)
+            memset(t->rx_dst, 0, (size_t)t->rx_got);
         DWCP_ADD(c->s->auth_failures, 1);
         return DWCP_E_AUTH;
     }

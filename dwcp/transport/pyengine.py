@@ -1322,6 +1322,8 @@ class PyStreamSet:
                         st.rx_seal.verify(bytes(st.tagbuf))
                     except ProtocolError as e:
                         self._stat("auth_failures")
+                        if st.rx_target is not None:  # wipe bit flips the in-place decryption let in
+                            st.rx_target[:] = bytes(len(st.rx_target))
                         assert st.rx_header is not None
                         raise _violation(f"{FrameType(st.rx_header.type).name} frame failed "
                                          "authentication (altered or injected on the path)",

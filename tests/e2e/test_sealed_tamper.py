@@ -230,6 +230,36 @@ def test_tampering_on_every_link_fails_the_transfer_without_wrong_data() -> None
         _close(client, server, proxy, lst)
 
 
+def test_bit_flips_never_stay_in_the_buffer_of_a_failed_receive() -> None:
+    """GCM is malleable until the tag is checked, and the engine decrypts in place: a chunk whose tag
+    fails is wiped, so even the buffer of a failed recv_into never keeps the attacker's version."""
+    chunk = 1 << 20
+    data = os.urandom(8 * chunk)
+    client, server, proxy, lst = _session_through(_flip_data(1), timeout_s=3)
+    buf = bytearray(b"\xee" * len(data))
+    box: dict[str, Any] = {}
+
+    def recv() -> None:
+        try:
+            server.recv_into(buf)
+        except DWCPError as e:
+            box["err"] = e
+
+    try:
+        th = threading.Thread(target=recv)
+        th.start()
+        with pytest.raises(DWCPError):
+            client.send(data)
+        th.join(60)
+        assert "err" in box
+        for off in range(0, len(data), chunk):
+            flipped = bytearray(data[off + 64:off + 128])
+            flipped[100 - 64] ^= 0x01
+            assert buf[off + 64:off + 128] != flipped, f"chunk at {off} kept the tampered bytes"
+    finally:
+        _close(client, server, proxy, lst)
+
+
 @pytest.mark.parametrize("backend", ["c", "python"])
 def test_replayed_and_reordered_frames_fail_authentication(backend: str) -> None:
     held: dict[str, Any] = {"replayed": 0, "swapped": 0}
