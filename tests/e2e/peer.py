@@ -4,6 +4,7 @@
     python peer.py send PORT -> connects and sends a 30 s benchmark transfer
     python peer.py digest    -> listens on 127.0.0.1:0, prints the port; every session it accepts
                                 answers each transfer with the SHA-256 of what arrived, until it fails
+                                ($DWCP_PEER_HOST: listen there instead of 127.0.0.1)
 
 The key comes from $DWCP_KEY (as a real deployment would pass it)."""
 
@@ -42,7 +43,8 @@ def main() -> None:
             print("connected", flush=True)
             s.send_for(bytearray(64 << 20), 30.0)
     elif role == "digest":
-        with dwcp.listen(("127.0.0.1", 0), timeout_s=float(sys.argv[2]) if len(sys.argv) > 2 else 30.0) as lis:
+        host = os.environ.get("DWCP_PEER_HOST", "127.0.0.1")  # a netlab host's address, for WAN tests
+        with dwcp.listen((host, 0), timeout_s=float(sys.argv[2]) if len(sys.argv) > 2 else 30.0) as lis:
             print(lis.address[1], flush=True)
             while True:
                 threading.Thread(target=answer_digests, args=(lis.accept(),), daemon=True).start()
