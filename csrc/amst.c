@@ -858,7 +858,7 @@ static void tx_setup(xfer *x, lnk *t, uint64_t c)
         .offset = c * x->chunk,
     };
     if (t->sealed)
-        f.flags = (uint16_t)(x->o->frame_flags | DWCP_FLAG_SEALED); /* counter set by tx_seal_data */
+        f.flags = (uint16_t)(x->o->frame_flags | DWCP_FLAG_SEALED); /* counter: tx_step_sealed */
     else if (x->o->csum_flags)
         f.checksum = dwcp_payload_checksum(x->o->csum_flags, p, len);
     dwcp_frame_encode(&f, t->tx_hdr);

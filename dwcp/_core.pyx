@@ -284,14 +284,19 @@ cdef class FrameSeal:
     # Piece-by-piece opening, for a reader that gets a payload in several reads (the Python engine):
     # begin(header) once the header's counter was found acceptable (it is used up here), update(buf)
     # on each piece in place, verify(tag) at the end.
-    def begin(self, header):
-        cdef bytes h = bytes(header)
-        if len(h) != DWCP_HEADER_BYTES:
-            raise ConfigError("header must be 48 bytes")
+    cdef uint64_t _next_counter_of(self, bytes h) except? 0xFFFFFFFFFFFFFFFF:
+        """The counter in header h, which must be the next this link may carry (nothing is used up)."""
         cdef uint64_t ctr = int.from_bytes(h[32:40], "little")
         if not dwcp_seal_acceptable(&self._st, ctr):
             raise convert_error(DWCP_E_AUTH, context=f"open frame (counter {ctr} is not the next, "
                                 f"{self._st.next}: replayed, reordered or dropped frame)")
+        return ctr
+
+    def begin(self, header):
+        cdef bytes h = bytes(header)
+        if len(h) != DWCP_HEADER_BYTES:
+            raise ConfigError("header must be 48 bytes")
+        cdef uint64_t ctr = self._next_counter_of(h)
         dwcp_seal_accept(&self._st, ctr)
         if dwcp_seal_begin(&self._st, ctr, <const uint8_t *>h, DWCP_HEADER_BYTES):
             raise convert_error(DWCP_E_AUTH, context="open frame")
@@ -321,10 +326,7 @@ cdef class FrameSeal:
         cdef bytes h = bytes(header), ct = bytes(sealed)
         if len(h) != DWCP_HEADER_BYTES or len(ct) < DWCP_TAG_BYTES:
             raise convert_error(DWCP_E_AUTH, context="open frame (truncated)")
-        cdef uint64_t ctr = int.from_bytes(h[32:40], "little")
-        if not dwcp_seal_acceptable(&self._st, ctr):
-            raise convert_error(DWCP_E_AUTH, context=f"open frame (counter {ctr} is not the next, "
-                                f"{self._st.next}: replayed, reordered or dropped frame)")
+        cdef uint64_t ctr = self._next_counter_of(h)
         cdef Py_ssize_t m = len(ct) - DWCP_TAG_BYTES
         out = bytearray(m + 1)
         cdef unsigned char[::1] o = out

@@ -1321,13 +1321,8 @@ class PyStreamSet:
                     try:
                         st.rx_seal.verify(bytes(st.tagbuf))
                     except ProtocolError as e:
-                        self._stat("auth_failures")
-                        if st.rx_target is not None:  # wipe bit flips the in-place decryption let in
-                            st.rx_target[:] = bytes(len(st.rx_target))
                         assert st.rx_header is not None
-                        raise _violation(f"{FrameType(st.rx_header.type).name} frame failed "
-                                         "authentication (altered or injected on the path)",
-                                         errors.E_AUTH, st.index) from e
+                        raise self._auth_failure(st, st.rx_header) from e
                 if not st.rx_remaining:
                     try:
                         if st.rx_ctl is not None:
@@ -1378,11 +1373,17 @@ class PyStreamSet:
             if tag:
                 st.rx_seal.verify(bytes(st.tagbuf))
         except ProtocolError as e:
-            self._stat("auth_failures")
-            raise _violation(f"{FrameType(h.type).name} frame failed authentication or came out of "
-                             "order (replayed, dropped or injected on the path)", errors.E_AUTH,
-                             st.index) from e
+            raise self._auth_failure(st, h) from e
         st.tagpos = 0
+
+    def _auth_failure(self, st: _Stream, h: Header) -> _StreamDied:
+        """A sealed frame failed its counter or tag: count it, wipe the bit flips the in-place
+        decryption let into the destination, and kill the link."""
+        self._stat("auth_failures")
+        if st.rx_target is not None:
+            st.rx_target[:] = bytes(len(st.rx_target))
+        return _violation(f"{FrameType(h.type).name} frame failed authentication or came out of order "
+                          "(altered, replayed, dropped or injected on the path)", errors.E_AUTH, st.index)
 
     def _decrypt(self, st: _Stream, piece: memoryview) -> None:
         assert st.rx_seal is not None
