@@ -13,6 +13,10 @@ HDE_UNCHANGED = DWCP_HDE_UNCHANGED
 HDE_ZERO = DWCP_HDE_ZERO
 HDE_PATCH = DWCP_HDE_PATCH
 HDE_RAW = DWCP_HDE_RAW
+HDE_COPY = DWCP_HDE_COPY
+HDE_PATCH_FROM = DWCP_HDE_PATCH_FROM
+HDE_FLAG_REFS = DWCP_HDE_FLAG_REFS
+HDE_FLAG_REFS_OUTSIDE = DWCP_HDE_FLAG_REFS_OUTSIDE
 HDE_STORED = DWCP_HDE_STORED
 HDE_ZSTD = DWCP_HDE_ZSTD
 HDE_ZSTD_BASE = DWCP_HDE_ZSTD_BASE
@@ -23,7 +27,8 @@ _HDE_CORRUPT = {
     DWCP_HDE_E_TRUNCATED: "the delta is truncated: a batch header promises more bytes than remain",
     DWCP_HDE_E_STORED: "batch payload fails its XXH3 checksum: the delta was corrupted in transit or on "
                        "disk; fetch it again",
-    DWCP_HDE_E_BODY: "batch body is malformed (sizes, page classes or runs out of range): the delta is corrupt",
+    DWCP_HDE_E_BODY: "batch body is malformed (sizes, page classes, runs or page references out of range): the "
+                     "delta is corrupt",
     DWCP_HDE_E_BASE: "the delta needs base bytes that were not provided: decode it against the base it was "
                      "made from (same length)",
     DWCP_HDE_E_RESULT: "rebuilt bytes fail their checksum: the base is not the version the delta was made "
@@ -92,7 +97,7 @@ def hde_parse_header(data):
     rc = dwcp_hde_parse_header(b.ptr(), b.size(), &h)
     if rc != 0:
         raise _hde_error(rc, NULL, "parse batch header")
-    return {"codec": h.codec, "level": h.level, "first": h.first, "page_count": h.page_count,
+    return {"codec": h.codec, "level": h.level, "flags": h.flags, "first": h.first, "page_count": h.page_count,
             "body_len": h.body_len, "stored_len": h.stored_len, "stored_xxh3": h.stored_xxh3,
             "result_xxh3": h.result_xxh3}
 
@@ -115,8 +120,93 @@ def hde_classify(page, base=None):
     return dwcp_hde_classify(p.ptr(), b.ptr(), p.size())
 
 
-_COUNT_FIELDS = ("unchanged", "zero", "patch", "raw", "patch_runs", "literal_bytes", "body_bytes",
-                 "stored_bytes")
+_COUNT_FIELDS = ("unchanged", "zero", "patch", "raw", "copy", "patch_from", "copy_runs", "patch_runs",
+                 "literal_bytes", "body_bytes", "stored_bytes")
+
+
+cdef class HdeBase:
+    """The base an encoder compares against: segments of seg_bytes (a whole number of pages), any of
+    which may be None (absent: its pages are never referred to). A contiguous base is [buffer] with
+    seg_bytes >= its length. Holds the segments' buffers for as long as it lives."""
+    cdef dwcp_hde_base b
+    cdef list _bufs
+    cdef const uint8_t **_ptrs
+    cdef readonly uint64_t length
+    cdef readonly size_t seg_bytes
+
+    def __cinit__(self, segments, size_t seg_bytes, uint64_t length):
+        cdef _OptBuffer ob
+        cdef size_t i, n = len(segments)
+        if seg_bytes == 0:
+            raise ConfigError("segment size must be positive")
+        if length and (length - 1) // seg_bytes >= n:
+            raise ConfigError(f"{n} segments of {seg_bytes} bytes cannot hold a base of {length} bytes")
+        self._bufs = []
+        self._ptrs = <const uint8_t **>malloc((n if n else 1) * sizeof(uint8_t *))
+        if self._ptrs == NULL:
+            raise MemoryError("cannot allocate the base's segment table")
+        for i in range(n):
+            ob = _OptBuffer()
+            ob.acquire(segments[i], False, "base segment")
+            want = min(seg_bytes, length - i * seg_bytes) if i * seg_bytes < length else 0
+            if ob.held and ob.size() < want:
+                raise ConfigError(f"base segment {i} has {ob.size()} bytes, expected {want}")
+            self._bufs.append(ob)
+            self._ptrs[i] = ob.ptr()
+        self.b.segs = self._ptrs
+        self.b.nseg = n
+        self.b.seg_bytes = seg_bytes
+        self.b.length = length
+        self.length = length
+        self.seg_bytes = seg_bytes
+
+    def __dealloc__(self):
+        free(self._ptrs)
+        self._ptrs = NULL
+
+
+cdef class HdeIndex:
+    """An index of an HdeBase's pages for the moved-page search. hash(first, n) on disjoint page ranges
+    may run on many threads at once (the GIL is released); then finish() once; then it is read-only
+    and any number of encoder threads may share it."""
+    cdef dwcp_hde_index *ix
+    cdef readonly HdeBase base
+    cdef readonly uint32_t page_size
+
+    def __cinit__(self, HdeBase base not None, uint32_t page_size):
+        self.ix = dwcp_hde_index_new(&base.b, page_size)
+        if self.ix == NULL:
+            raise ConfigError(f"cannot index a base of {base.length} bytes in {page_size}-byte pages (page size "
+                              f"a power of two in {DWCP_HDE_MIN_PAGE}..{DWCP_HDE_MAX_PAGE}, segments of whole pages)")
+        self.base = base
+        self.page_size = page_size
+
+    def __dealloc__(self):
+        if self.ix != NULL:
+            dwcp_hde_index_free(self.ix)
+            self.ix = NULL
+
+    @property
+    def pages(self):
+        """Base pages the index covers (whole pages)."""
+        return dwcp_hde_index_pages(self.ix)
+
+    def hash(self, uint64_t first_page, uint64_t npages):
+        cdef int r
+        with nogil:
+            r = dwcp_hde_index_hash(self.ix, first_page, npages)
+        if r < 0:
+            raise ConfigError(f"index pages {first_page}+{npages}: outside the base's {self.pages} pages, "
+                              "or the index is already finished")
+
+    def finish(self):
+        cdef int r
+        with nogil:
+            r = dwcp_hde_index_finish(self.ix)
+        if r == DWCP_HDE_E_NOMEM:
+            raise MemoryError("out of memory building the HDE page index")
+        if r < 0:
+            raise ConfigError("the HDE page index is already finished")
 
 
 cdef class HdeContext:
@@ -141,23 +231,29 @@ cdef class HdeContext:
 
     def counts(self):
         return {"unchanged": self.c.unchanged, "zero": self.c.zero, "patch": self.c.patch,
-                "raw": self.c.raw, "patch_runs": self.c.patch_runs, "literal_bytes": self.c.literal_bytes,
+                "raw": self.c.raw, "copy": self.c.copy, "patch_from": self.c.patch_from,
+                "copy_runs": self.c.copy_runs, "patch_runs": self.c.patch_runs,
+                "literal_bytes": self.c.literal_bytes,
                 "body_bytes": self.c.body_bytes, "stored_bytes": self.c.stored_bytes}
 
     def reset_counts(self):
         memset(&self.c, 0, sizeof(self.c))
 
-    def encode_batch(self, uint64_t first, new, base, dirty, uint32_t page_size, int level, out):
-        """Encode the pages of `new` (one batch; page `first` of the image) against `base` (same region
-        of the peer's version, or None) into `out`; returns the frame's length. `dirty`: None or one
+    def encode_batch(self, uint64_t first, new, HdeBase base, HdeIndex index, dirty, uint32_t page_size,
+                     int level, out):
+        """Encode the pages of `new` (one batch; page `first` of the image) against `base` (the whole
+        version the peer holds, or None) into `out`; `index` (an HdeIndex of that base, finished, or
+        None) lets pages be found where they moved. Returns the frame's length. `dirty`: None or one
         byte per page, 0 = unchanged for sure. `level`: zstd level or HDE_LEVEL_OFF."""
         cdef _OptBuffer n = _OptBuffer()
-        cdef _OptBuffer b = _OptBuffer()
         cdef _OptBuffer d = _OptBuffer()
         cdef _OptBuffer o = _OptBuffer()
         cdef int64_t r
+        cdef const dwcp_hde_base *bp = &base.b if base is not None else NULL
+        cdef const dwcp_hde_index *ip = index.ix if index is not None else NULL
+        if index is not None and index.base is not base:
+            raise ConfigError("the index was built over a different base")
         n.acquire(new, False, "new")
-        b.acquire(base, False, "base")
         d.acquire(dirty, False, "dirty")
         o.acquire(out, True, "out")
         if n.size() == 0:
@@ -165,7 +261,7 @@ cdef class HdeContext:
         if d.held and d.size() != (n.size() + page_size - 1) // page_size:
             raise ConfigError(f"dirty map has {d.size()} entries for {(n.size() + page_size - 1) // page_size} pages")
         with nogil:
-            r = dwcp_hde_encode_batch(self.ctx, first, n.ptr(), n.size(), b.ptr(), b.size(), d.ptr(),
+            r = dwcp_hde_encode_batch(self.ctx, first, n.ptr(), n.size(), bp, ip, d.ptr(),
                                       page_size, level, <uint8_t *>o.ptr(), o.size(), &self.c)
         if r < 0:
             raise _hde_error(<int>r, self.ctx, f"encode batch at page {first}")
@@ -173,8 +269,9 @@ cdef class HdeContext:
 
     def decode_batch(self, frame, uint32_t page_size, base, dst, commit=None):
         """Rebuild a batch's pages into dst (its region of the new image) from `frame` (exactly one batch
-        frame) and `base` (the same region of the base, or None). With `commit` (may be the base
-        itself), dst is scratch and the changed pages are copied to commit only after they verify."""
+        frame) and `base` (the WHOLE base, or None; dst may not overlap it). With `commit` (may be the
+        batch's region of the base itself), dst is scratch and the changed pages are copied to commit only
+        after they verify."""
         cdef _OptBuffer f = _OptBuffer()
         cdef _OptBuffer b = _OptBuffer()
         cdef _OptBuffer d = _OptBuffer()

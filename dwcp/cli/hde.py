@@ -29,16 +29,16 @@ def _open_read(path: str) -> BinaryIO:
 
 
 @contextlib.contextmanager
-def _mapped(path: str) -> Iterator[Any]:
-    """The file's bytes, mapped read-only and pre-faulted (MAP_POPULATE: one pass over the page cache
-    instead of a fault per page)."""
+def _mapped(path: str, populate: bool = True) -> Iterator[Any]:
+    """The file's bytes, mapped read-only and, unless told otherwise, pre-faulted (MAP_POPULATE: one
+    pass over the page cache instead of a fault per page)."""
     with _open_read(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             yield b""
             return
-        m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                      prot=mmap.PROT_READ)
+        populate_flag = getattr(mmap, "MAP_POPULATE", 0) if populate else 0
+        m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | populate_flag, prot=mmap.PROT_READ)
         try:
             yield m
         finally:
@@ -247,11 +247,14 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
                 if have != header.base_length:
                     raise DWCPError(f"{base_path} has {have:,} bytes; the delta was made against a base of "
                                     f"{header.base_length:,}: it is not the same version")
+                # Pages that moved are read from the base file itself (mapped, faulted in on demand).
+                pristine = stack.enter_context(_mapped(base_path, populate=False))
                 os.ftruncate(f.fileno(), n)
                 copier = _Copier(src.fileno(), f.fileno(), min(n, header.base_length),
                                  header.batch_pages * header.page_size, base_path)
                 stack.callback(copier.stop)
-                stats = _decode_mapped(lambda d, out, threads: codec.apply(d, out, threads=threads,
+                stats = _decode_mapped(lambda d, out, threads: codec.apply(d, out, base=pristine,
+                                                                         threads=threads,
                                                                          before_batch=copier.wait),
                                        delta, f.fileno(), n, threads, populate=False)
                 copier.wait(0, n)  # every byte copied (also past the last batch's start)

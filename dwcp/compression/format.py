@@ -16,7 +16,10 @@ from dwcp import _core
 from dwcp.errors import ProtocolError
 
 MAGIC = b"DWHD"
-VERSION = 1
+#: Format 2 (page mode) adds moved pages: classes COPY and PATCH_FROM, a refs section in the batch body
+#: and batch flags. Format 1 deltas still decode; a newer format is refused with a clear error.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER_BYTES = 40
 BATCH_HEADER_BYTES = _core.HDE_BATCH_HEADER_BYTES
 _HEADER = struct.Struct("<4sBBHIIQQI")  # ... then u32 crc32c of bytes 0..35
@@ -33,6 +36,8 @@ class PageClass(enum.IntEnum):
     ZERO = _core.HDE_ZERO
     PATCH = _core.HDE_PATCH
     RAW = _core.HDE_RAW
+    COPY = _core.HDE_COPY
+    PATCH_FROM = _core.HDE_PATCH_FROM
 
 
 class Codec(enum.IntEnum):
@@ -83,9 +88,9 @@ def parse_header(data: bytes | memoryview) -> DeltaHeader:
     (crc,) = struct.unpack_from("<I", bytes(data[HEADER_BYTES - 4:HEADER_BYTES]))
     if crc != _core.crc32c(head):
         raise ProtocolError("HDE delta header fails its CRC32C: the delta is corrupt")
-    if version != VERSION:
-        raise ProtocolError(f"HDE format version {version} is not supported (this build reads {VERSION}); "
-                            "upgrade dwcp on this side")
+    if version not in READABLE_VERSIONS:
+        raise ProtocolError(f"HDE format version {version} is not supported (this build reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade dwcp on this side")
     if mode not in (Mode.PAGE, Mode.BUFFER):
         raise ProtocolError(f"HDE delta header: unknown mode {mode}")
     if flags & ~FLAG_HAS_BASE or reserved:
@@ -114,6 +119,12 @@ class BatchRef:
     image_offset: int
     image_bytes: int
     codec: Codec
+    flags: int = 0
+
+    @property
+    def reads_outside(self) -> bool:
+        """The batch copies or patches from base pages outside its own region (format 2)."""
+        return bool(self.flags & _core.HDE_FLAG_REFS_OUTSIDE)
 
 
 def iter_batches(header: DeltaHeader, data: bytes | memoryview) -> Iterator[BatchRef]:
@@ -136,11 +147,16 @@ def iter_batches(header: DeltaHeader, data: bytes | memoryview) -> Iterator[Batc
                                 f"{first}+{count}: batches are missing, reordered or corrupt")
         if header.mode is Mode.PAGE and h["codec"] == Codec.ZSTD_BASE:
             raise ProtocolError(f"HDE batch {i}: codec ZSTD_BASE is only valid in buffer mode")
+        # Format 1 frames carry no flags; format 2 page-mode frames always have a refs section.
+        want_refs = header.mode is Mode.PAGE and header.version >= 2
+        if bool(h["flags"] & _core.HDE_FLAG_REFS) != want_refs:
+            raise ProtocolError(f"HDE batch {i}: flags 0x{h['flags']:x} do not belong in a format "
+                                f"{header.version} {header.mode.name.lower()}-mode delta: corrupt")
         size = BATCH_HEADER_BYTES + h["stored_len"]
         if size > len(view) - pos:
             raise ProtocolError(f"HDE delta is truncated inside batch {i}: {len(view) - pos} bytes left, the "
                                 f"batch needs {size}")
-        yield BatchRef(i, pos, size, image_offset, image_bytes, Codec(h["codec"]))
+        yield BatchRef(i, pos, size, image_offset, image_bytes, Codec(h["codec"]), h["flags"])
         pos += size
     if pos != len(view):
         raise ProtocolError(f"HDE delta has {len(view) - pos} bytes after its last batch: corrupt or "

@@ -76,6 +76,9 @@ class HdeStats:
     patch_runs: int = 0
     literal_bytes: int = 0
     level: levels.LevelDecision | None = None
+    copy_runs: int = 0
+    mode_reason: str = ""       # why this mode (auto mode explains its choice; otherwise what was asked)
+    sample: dict[str, Any] | None = None  # auto mode: what the sample showed
 
     @property
     def ratio(self) -> float:
@@ -93,7 +96,8 @@ class HdeStats:
                 "seconds": round(self.seconds, 6), "mb_per_s": round(self.mb_per_s, 1),
                 "threads": self.threads, "batches": self.batches, "page_size": self.page_size,
                 "pages": dict(self.pages), "patch_runs": self.patch_runs,
-                "literal_bytes": self.literal_bytes,
+                "literal_bytes": self.literal_bytes, "copy_runs": self.copy_runs,
+                "mode_reason": self.mode_reason, "sample": self.sample,
                 "level": self.level.to_json() if self.level else None}
 
 
@@ -154,13 +158,15 @@ class _Pool:
         self.close()
 
 
+PAGE_CLASSES = ("unchanged", "zero", "copy", "patch", "patch_from", "raw")
+
+
 def _page_stats(op: str, pool: _Pool, header: DeltaHeader, out_bytes: int, seconds: float,
                 decision: levels.LevelDecision | None) -> HdeStats:
     c = pool.counts()
     return HdeStats(op, "page", header.new_length, header.base_length, out_bytes, seconds, pool.threads,
-                    header.batches, header.page_size,
-                    {k: c.get(k, 0) for k in ("unchanged", "zero", "patch", "raw")},
-                    c.get("patch_runs", 0), c.get("literal_bytes", 0), decision)
+                    header.batches, header.page_size, {k: c.get(k, 0) for k in PAGE_CLASSES},
+                    c.get("patch_runs", 0), c.get("literal_bytes", 0), decision, c.get("copy_runs", 0))
 
 
 # ---------------------------------------------------------------------------------------------- encode
@@ -171,17 +177,20 @@ def encode(new: Any, base: Any = None, *, mode: str = "auto", page_size: int = D
            sink: Callable[[bytes], Any] | None = None) -> tuple[bytes | None, HdeStats]:
     """Encode `new` against `base` (the version the peer holds, or None).
 
-    mode: "page", "buffer" or "auto" (page when both lengths are whole pages, else buffer).
+    mode: "page", "buffer" or "auto" (from a sample of the image: see choose_mode; images that are not
+    whole pages always go as buffer mode).
     level: "auto" (chosen for link_bps; see dwcp.compression.level), None/"off", or a zstd level.
     dirty: page mode only: one byte per page, 0 = the caller knows the page is unchanged since base.
     batch_bytes: page mode: image bytes per batch (None: chosen from the image size and threads).
     sink: called with each piece of the delta in order (then the bytes are not kept; returns None).
-    Returns (delta or None, stats)."""
+    Returns (delta or None, stats); stats.mode_reason says why the mode was used."""
     nv = byte_view(new, what="new")
     lvl = levels.parse_level(level)
     nthreads = threads if threads is not None else default_threads()
     if not 1 <= nthreads <= 256:
         raise ConfigError(f"threads must be 1..256, got {nthreads}")
+    if mode not in ("auto", "page", "buffer"):
+        raise ConfigError(f"mode {mode!r}: use page, buffer or auto")
     pieces: list[bytes] = []
     put = sink if sink is not None else pieces.append
     if isinstance(base, SegmentedBase):
@@ -189,34 +198,139 @@ def encode(new: Any, base: Any = None, *, mode: str = "auto", page_size: int = D
             raise ConfigError("a segmented base (BaselineStore) needs page mode")
         if base.segment_bytes % page_size:
             raise ConfigError(f"segments of {base.segment_bytes} bytes are not whole {page_size}-byte pages")
-        stats = _encode_pages(nv, base.length, base.segment, page_size, lvl, link_bps, dirty,
-                              base.segment_bytes, nthreads, put)
+        _batch_pages(page_size, MIN_AUTO_BATCH_BYTES)
+        segs = [base.segment(off, min(base.segment_bytes, base.length - off))
+                for off in range(0, base.length, base.segment_bytes)]
+        hb = _core.HdeBase(segs, base.segment_bytes, base.length) if base.length else None
+        stats = _encode_pages(nv, hb, page_size, lvl, link_bps, dirty, base.segment_bytes, nthreads, put)
+        stats.mode_reason = "a segmented base (baseline store) is encoded in page mode"
     else:
         bv = byte_view(base, what="base") if base is not None else None
-        chosen = _choose_mode(mode, len(nv), len(bv) if bv is not None else None, page_size)
-        if dirty is not None and chosen is not Mode.PAGE:
+        if dirty is not None and mode == "buffer":
             raise ConfigError("a dirty map needs page mode (page-aligned images)")
-        if chosen is Mode.PAGE:
-            def whole(off: int, size: int) -> memoryview | None:
-                return bv[off:off + size] if bv is not None and off < len(bv) else None
-            stats = _encode_pages(nv, len(bv) if bv is not None else 0, whole, page_size, lvl, link_bps,
-                                  dirty, batch_bytes, nthreads, put)
+        t0 = time.perf_counter()
+        choice = choose_mode(nv, bv, mode=mode, page_size=page_size, level=lvl, threads=nthreads,
+                             dirty=dirty is not None)
+        if dirty is not None and choice.mode is not Mode.PAGE:
+            raise ConfigError("a dirty map needs page mode (page-aligned images)")
+        if choice.mode is Mode.PAGE:
+            hb = choice.base if choice.base is not None else _contiguous_base(bv, page_size)
+            stats = _encode_pages(nv, hb, page_size, lvl, link_bps, dirty, batch_bytes, nthreads, put,
+                                  index=choice.index)
         else:
             stats = _encode_buffer(nv, bv, lvl, link_bps, nthreads, put)
+        stats.seconds = time.perf_counter() - t0  # the sample is part of the encode
+        stats.mode_reason = choice.reason
+        stats.sample = choice.sample
     if sink is not None:
         return None, stats
     return b"".join(pieces), stats
 
 
-def _choose_mode(mode: str, new_len: int, base_len: int | None, page_size: int) -> Mode:
-    if mode == "page":
-        return Mode.PAGE
+def _contiguous_base(bv: memoryview | None, page_size: int) -> _core.HdeBase | None:
+    if bv is None or len(bv) == 0:
+        return None
+    seg = -(-len(bv) // page_size) * page_size
+    return _core.HdeBase([bv], seg, len(bv))
+
+
+# ------------------------------------------------------------------------------------------- auto mode
+
+#: Auto mode samples SAMPLE_REGIONS regions of SAMPLE_REGION_PAGES pages spread over the image; images
+#: up to EXACT_AUTO_BYTES are small enough to encode both ways and keep the smaller.
+SAMPLE_REGIONS = 16
+SAMPLE_REGION_PAGES = 64
+SAMPLE_MARGIN_BYTES = 256 << 10
+EXACT_AUTO_BYTES = 8 << 20
+#: Page mode is kept unless buffer mode's estimate is smaller by more than this: page mode is several
+#: times faster and can be applied in place, worth a little size.
+PAGE_MODE_SLACK = 1.02
+
+
+@dataclass
+class ModeChoice:
+    mode: Mode
+    reason: str
+    sample: dict[str, Any] | None = None
+    base: _core.HdeBase | None = None
+    index: _core.HdeIndex | None = None
+
+
+def _build_index(hb: _core.HdeBase, page_size: int, threads: int) -> _core.HdeIndex:
+    """Hash every base page (in parallel, without the GIL), then build the tables."""
+    ix = _core.HdeIndex(hb, page_size)
+    pages = ix.pages
+    step = max(1024, -(-pages // (4 * threads)))
+    ranges = [(p, min(step, pages - p)) for p in range(0, pages, step)]
+    if threads > 1 and len(ranges) > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="dwcp-hde-index") as ex:
+            list(ex.map(lambda r: ix.hash(*r), ranges))
+    else:
+        for r in ranges:
+            ix.hash(*r)
+    ix.finish()
+    return ix
+
+
+def choose_mode(nv: memoryview, bv: memoryview | None, *, mode: str = "auto", page_size: int = DEFAULT_PAGE_SIZE,
+                level: int | None | str = "auto", threads: int = 1, dirty: bool = False) -> ModeChoice:
+    """Page or buffer mode for this input, and why.
+
+    Page mode needs whole pages. With a base, auto mode encodes SAMPLE_REGIONS regions of the image
+    both ways -- page mode exactly as the real encode would (moved pages found through the whole base's
+    index), buffer mode against the base around the same place -- and keeps page mode unless buffer
+    mode is clearly smaller. Small images are simply encoded both ways (the smaller wins)."""
+    aligned = len(nv) % page_size == 0 and (bv is None or len(bv) % page_size == 0)
     if mode == "buffer":
-        return Mode.BUFFER
-    if mode != "auto":
-        raise ConfigError(f"mode {mode!r}: use page, buffer or auto")
-    aligned = new_len % page_size == 0 and (base_len is None or base_len % page_size == 0)
-    return Mode.PAGE if aligned and new_len else Mode.BUFFER
+        return ModeChoice(Mode.BUFFER, "buffer mode was asked for")
+    if mode == "page":
+        return ModeChoice(Mode.PAGE, "page mode was asked for")
+    if not len(nv):
+        return ModeChoice(Mode.BUFFER, "empty image")
+    if not aligned:
+        return ModeChoice(Mode.BUFFER, f"the images are not whole {page_size}-byte pages: buffer mode")
+    if dirty:
+        return ModeChoice(Mode.PAGE, "a dirty map was given: page mode")
+    if bv is None or not len(bv):
+        return ModeChoice(Mode.PAGE, "no base: page mode (zero pages elided, batches compressed in parallel)")
+    hb = _contiguous_base(bv, page_size)
+    assert hb is not None
+    zlevel = 3 if isinstance(level, str) else (_core.HDE_LEVEL_OFF if level is None else level)
+    ix = _build_index(hb, page_size, threads)
+    pages = len(nv) // page_size
+    if len(nv) <= EXACT_AUTO_BYTES:
+        regions = [(0, pages)]
+    else:
+        starts = {(k * pages) // SAMPLE_REGIONS for k in range(SAMPLE_REGIONS)}
+        regions = [(s, min(SAMPLE_REGION_PAGES, pages - s)) for s in sorted(starts)]
+    ctx = _core.HdeContext(max(n for _, n in regions) * page_size)
+    counts0 = ctx.counts()
+    page_bytes = buffer_bytes = sampled = 0
+    for first, n in regions:
+        part = nv[first * page_size:(first + n) * page_size]
+        out = bytearray(_core.hde_batch_bound(n, page_size))
+        page_bytes += ctx.encode_batch(first, part, hb, ix, None, page_size, zlevel, out) - BATCH_HEADER_BYTES
+        lo = max(0, first * page_size - SAMPLE_MARGIN_BYTES) if len(regions) > 1 else 0
+        hi = min(len(bv), (first + n) * page_size + SAMPLE_MARGIN_BYTES) if len(regions) > 1 else len(bv)
+        zout = bytearray(_core.hde_buffer_bound(len(part)))
+        buffer_bytes += ctx.encode_buffer(part, bv[lo:hi] if hi > lo else None, zlevel, 1, zout) \
+            - BATCH_HEADER_BYTES
+        sampled += n
+    c = ctx.counts()
+    classes = {k: c[k] - counts0.get(k, 0) for k in PAGE_CLASSES}
+    sample = {"pages": sampled, "classes": classes, "page_bytes": page_bytes, "buffer_bytes": buffer_bytes,
+              "exact": len(regions) == 1 and len(nv) <= EXACT_AUTO_BYTES}
+    total = max(1, sampled)
+    what = (f"{100 * classes['unchanged'] / total:.0f} % same-offset, {100 * classes['copy'] / total:.0f} % "
+            f"moved, {100 * classes['zero'] / total:.0f} % zero, "
+            f"{100 * (classes['patch'] + classes['patch_from']) / total:.0f} % patched, "
+            f"{100 * classes['raw'] / total:.0f} % unmatched")
+    where = "the whole image" if sample["exact"] else f"a sample of {sampled} pages"
+    if page_bytes <= buffer_bytes * PAGE_MODE_SLACK + 64 * len(regions):
+        return ModeChoice(Mode.PAGE, f"page mode: on {where} ({what}) it makes {page_bytes:,} bytes, buffer mode "
+                          f"{buffer_bytes:,}", sample, hb, ix)
+    return ModeChoice(Mode.BUFFER, f"buffer mode: on {where} ({what}) page mode makes {page_bytes:,} bytes, "
+                      f"buffer mode {buffer_bytes:,}: content moved by less than a page", sample)
 
 
 def auto_batch_bytes(image_bytes: int, threads: int, page_size: int) -> int:
@@ -234,41 +348,42 @@ def _batch_pages(page_size: int, batch_bytes: int) -> int:
     return min(batch_bytes // page_size, _core.HDE_MAX_BATCH_PAGES)
 
 
-def _encode_pages(nv: memoryview, base_len: int, base_at: Callable[[int, int], memoryview | None],
-                  page_size: int, lvl: int | None | str, link_bps: float | None, dirty: Any,
-                  batch_bytes: int | None, threads: int, put: Callable[[bytes], Any]) -> HdeStats:
+def _encode_pages(nv: memoryview, hb: _core.HdeBase | None, page_size: int, lvl: int | None | str,
+                  link_bps: float | None, dirty: Any, batch_bytes: int | None, threads: int,
+                  put: Callable[[bytes], Any], index: _core.HdeIndex | None = None) -> HdeStats:
     _batch_pages(page_size, MIN_AUTO_BATCH_BYTES)  # validates the page size first
     if batch_bytes is None:
         batch_bytes = auto_batch_bytes(len(nv), threads, page_size)
     per = _batch_pages(page_size, batch_bytes)
-    header = DeltaHeader(Mode.PAGE, len(nv), base_len, page_size, per)
+    header = DeltaHeader(Mode.PAGE, len(nv), hb.length if hb is not None else 0, page_size, per)
     dv = byte_view(dirty, what="dirty") if dirty is not None else None
     if dv is not None and len(dv) != header.pages:
         raise ConfigError(f"dirty map has {len(dv)} entries; the image has {header.pages} pages")
     span = per * page_size
     bound = _core.hde_batch_bound(per, page_size)
 
-    def region(i: int) -> tuple[int, memoryview, memoryview | None, memoryview | None]:
+    def region(i: int) -> tuple[int, memoryview, memoryview | None]:
         off = i * span
         part = nv[off:off + span]
-        b = base_at(off, span)
         d = dv[i * per:i * per + len(part) // page_size + (1 if len(part) % page_size else 0)] \
             if dv is not None else None
-        return i * per, part, b, d
+        return i * per, part, d
 
+    t0 = time.perf_counter()
+    if index is None and hb is not None and hb.length >= page_size:
+        index = _build_index(hb, page_size, threads)
     with _Pool(threads, span) as pool:
-        t0 = time.perf_counter()
         if isinstance(lvl, str):
-            decision = _calibrate_pages(pool, header, region, page_size, link_bps, bound)
+            decision = _calibrate_pages(pool, header, region, hb, index, page_size, link_bps, bound)
         else:
             decision = levels.fixed(lvl)
         zlevel = _core.HDE_LEVEL_OFF if decision.level is None else decision.level
         pool.reset_counts()  # calibration counted its sample pages; count the real encode only
 
         def work(i: int) -> bytes:
-            first, part, b, d = region(i)
+            first, part, d = region(i)
             out = pool.scratch(bound)
-            n = pool.ctx().encode_batch(first, part, b, d, page_size, zlevel, out)
+            n = pool.ctx().encode_batch(first, part, hb, index, d, page_size, zlevel, out)
             return bytes(memoryview(out)[:n])
 
         head = header.pack()
@@ -281,8 +396,9 @@ def _encode_pages(nv: memoryview, base_len: int, base_at: Callable[[int, int], m
         return _page_stats("encode", pool, header, total, seconds, decision)
 
 
-def _calibrate_pages(pool: _Pool, header: DeltaHeader, region: Callable[[int], Any], page_size: int,
-                     link_bps: float | None, bound: int) -> levels.LevelDecision:
+def _calibrate_pages(pool: _Pool, header: DeltaHeader, region: Callable[[int], Any], hb: _core.HdeBase | None,
+                     index: _core.HdeIndex | None, page_size: int, link_bps: float | None,
+                     bound: int) -> levels.LevelDecision:
     n = header.batches
     if n == 0:
         return levels.LevelDecision(None, "empty image: nothing to compress", link_bps)
@@ -293,12 +409,11 @@ def _calibrate_pages(pool: _Pool, header: DeltaHeader, region: Callable[[int], A
     bodies: list[bytes] = []
     limit = max(page_size, CALIBRATION_BYTES - CALIBRATION_BYTES % page_size)
     for i in picks:
-        first, part, b, d = region(i)
+        first, part, d = region(i)
         part = part[:limit]
-        b = b[:limit] if b is not None else None
         d = d[:-(-len(part) // page_size)] if d is not None else None
         t = time.perf_counter()
-        size = ctx.encode_batch(first, part, b, d, page_size, _core.HDE_LEVEL_OFF, out)
+        size = ctx.encode_batch(first, part, hb, index, d, page_size, _core.HDE_LEVEL_OFF, out)
         samples.append((len(part), time.perf_counter() - t, size - BATCH_HEADER_BYTES))
         bodies.append(bytes(memoryview(out)[BATCH_HEADER_BYTES:size]))
     zout = bytearray(max(_core.hde_buffer_bound(len(x)) for x in bodies))
@@ -385,30 +500,23 @@ def decode_into(delta: Any, base: Any, dst: Any, *, threads: int | None = None) 
                           bv if header.has_base else None, out)
         return HdeStats("decode", "buffer", header.new_length, header.base_length, len(dv),
                         time.perf_counter() - t0, 1, 1)
-    def rebuild(pool: _Pool, r: BatchRef, frame: memoryview, b: memoryview | None) -> None:
-        pool.ctx().decode_batch(frame, header.page_size, b, out[r.image_offset:r.image_offset + r.image_bytes])
+    def rebuild(pool: _Pool, r: BatchRef, frame: memoryview) -> None:
+        pool.ctx().decode_batch(frame, header.page_size, bv if header.has_base else None,
+                                out[r.image_offset:r.image_offset + r.image_bytes])
 
-    return _decode_pages("decode", header, dv, refs, bv, nthreads, t0, rebuild)
+    return _decode_pages("decode", header, dv, refs, nthreads, t0, rebuild)
 
 
-def _decode_pages(op: str, header: DeltaHeader, dv: memoryview, refs: list[BatchRef], bv: memoryview | None,
-                  threads: int, t0: float,
-                  rebuild: Callable[[_Pool, BatchRef, memoryview, memoryview | None], None]) -> HdeStats:
-    """Page mode: rebuild(pool, batch, its frame, its region of the base) for every batch, in parallel."""
+def _decode_pages(op: str, header: DeltaHeader, dv: memoryview, refs: list[BatchRef], threads: int, t0: float,
+                  rebuild: Callable[[_Pool, BatchRef, memoryview], None]) -> HdeStats:
+    """Page mode: rebuild(pool, batch, its frame) for every batch, in parallel."""
     with _Pool(min(threads, max(1, len(refs))), header.batch_pages * header.page_size) as pool:
         def work(i: int) -> None:
             r = refs[i]
-            rebuild(pool, r, dv[r.frame_offset:r.frame_offset + r.frame_bytes],
-                    _base_part(bv, header, r.image_offset, r.image_bytes))
+            rebuild(pool, r, dv[r.frame_offset:r.frame_offset + r.frame_bytes])
         for _ in pool.map(work, len(refs)):
             pass
         return _page_stats(op, pool, header, len(dv), time.perf_counter() - t0, None)
-
-
-def _base_part(bv: memoryview | None, header: DeltaHeader, off: int, size: int) -> memoryview | None:
-    if bv is None or not header.has_base or off >= len(bv):
-        return None
-    return bv[off:off + size]
 
 
 def decode(delta: Any, base: Any = None, *, threads: int | None = None) -> tuple[bytearray, HdeStats]:
@@ -419,42 +527,89 @@ def decode(delta: Any, base: Any = None, *, threads: int | None = None) -> tuple
     return out, stats
 
 
-def apply(delta: Any, target: Any, *, threads: int | None = None,
+def apply(delta: Any, target: Any, *, base: Any = None, threads: int | None = None,
           before_batch: Callable[[int, int], None] | None = None) -> HdeStats:
-    """Patch target in place: its first base_length bytes hold the base, and it must already have the
-    new length (resize it first if the image grew). Each batch is rebuilt in scratch and verified
-    before its pages are written, so a corrupt or mismatched batch raises ProtocolError and leaves that
-    batch's pages untouched (earlier batches are already applied: the caller must resend in full).
+    """Patch target in place: it must already have the new length (resize it first if the image grew)
+    and, unless `base` is given, its first base_length bytes hold the base. Each batch is rebuilt in
+    scratch and verified before its pages are written, so a corrupt or mismatched batch raises
+    ProtocolError and leaves that batch's pages untouched (earlier batches are already applied: the
+    caller must resend in full).
+
+    base: a separate read-only copy of the base (same length as the delta's). Pages that moved are then
+    read from it; target still needs the base's bytes where pages are unchanged (by the time each
+    batch is applied: see before_batch). Without it, batches whose pages moved in from elsewhere
+    (format 2) are rebuilt first, into scratch that is held until every other batch has read the base:
+    memory for those batches only.
 
     Page mode: before_batch(offset, size), if given, runs in the worker just before the batch covering
-    target[offset:offset + size] is applied -- a batch reads only its own region of the base, so the
-    caller can fill the target region by region (the CLI copies the base file in while other batches
-    are being applied)."""
+    target[offset:offset + size] is applied, so the caller can fill the target region by region (the
+    CLI copies the base file in while other batches are being applied). Without `base`, a delta with
+    moved pages asks for the whole base region first."""
     dv = byte_view(delta, what="delta")
     header = parse_header(dv)
     tv = byte_view(target, writable=True, what="target")
     if len(tv) != header.new_length:
         raise ConfigError(f"target has {len(tv)} bytes; the delta rebuilds {header.new_length}: resize "
                           "it first (its first bytes must hold the base)")
+    sv = byte_view(base, what="base") if base is not None else None
+    if sv is not None:
+        _check_base(header, sv)
     if header.mode is Mode.BUFFER:
         # zstd cannot decode onto its own prefix: rebuild beside the target, then copy it in
-        base = bytes(tv[:header.base_length]) if header.has_base else None
+        if sv is None and header.has_base:
+            sv = memoryview(bytes(tv[:header.base_length]))
         rebuilt = bytearray(header.new_length)
-        stats = decode_into(dv, base, rebuilt, threads=threads)
+        stats = decode_into(dv, sv if header.has_base else None, rebuilt, threads=threads)
         tv[:] = rebuilt
         stats.op = "apply"
         return stats
     refs = list(iter_batches(header, dv))
     t0 = time.perf_counter()
-    bv = tv[:min(header.base_length, len(tv))] if header.has_base else None
     span = header.batch_pages * header.page_size
+    nthreads = threads if threads is not None else default_threads()
+    if sv is not None or not header.has_base:
+        def rebuild(pool: _Pool, r: BatchRef, frame: memoryview) -> None:
+            if before_batch is not None:
+                before_batch(r.image_offset, r.image_bytes)
+            scratch = memoryview(pool.scratch(span))[:r.image_bytes]
+            pool.ctx().decode_batch(frame, header.page_size, sv, scratch,
+                                    tv[r.image_offset:r.image_offset + r.image_bytes])
+        return _decode_pages("apply", header, dv, refs, nthreads, t0, rebuild)
 
-    def rebuild(pool: _Pool, r: BatchRef, frame: memoryview, b: memoryview | None) -> None:
+    # In place: the base is the target itself. A batch reading other regions must read them before
+    # their own batch overwrites them: rebuild those first into held scratch, then apply the rest
+    # (each reads only its own region), then copy the held ones in.
+    bv = tv[:min(header.base_length, len(tv))]
+    movers = [r for r in refs if r.reads_outside]
+    if movers and before_batch is not None:
+        before_batch(0, min(header.base_length, header.new_length))
+    held: dict[int, bytearray] = {}
+    lock = threading.Lock()
+
+    def rebuild_held(pool: _Pool, r: BatchRef, frame: memoryview) -> None:
+        scratch = bytearray(r.image_bytes)
+        pool.ctx().decode_batch(frame, header.page_size, bv, scratch)
+        with lock:
+            held[r.index] = scratch
+
+    def rebuild_in_place(pool: _Pool, r: BatchRef, frame: memoryview) -> None:
+        if r.reads_outside:
+            return
         if before_batch is not None:
             before_batch(r.image_offset, r.image_bytes)
         scratch = memoryview(pool.scratch(span))[:r.image_bytes]
-        pool.ctx().decode_batch(frame, header.page_size, b, scratch,
+        pool.ctx().decode_batch(frame, header.page_size, bv, scratch,
                                 tv[r.image_offset:r.image_offset + r.image_bytes])
 
-    nthreads = threads if threads is not None else default_threads()
-    return _decode_pages("apply", header, dv, refs, bv, nthreads, t0, rebuild)
+    first = _decode_pages("apply", header, dv, movers, nthreads, t0, rebuild_held) if movers else None
+    stats = _decode_pages("apply", header, dv, refs, nthreads, t0, rebuild_in_place)
+    for r in movers:
+        tv[r.image_offset:r.image_offset + r.image_bytes] = held.pop(r.index)
+    if first is not None:
+        for k, v in first.pages.items():
+            stats.pages[k] = stats.pages.get(k, 0) + v
+        stats.patch_runs += first.patch_runs
+        stats.literal_bytes += first.literal_bytes
+        stats.copy_runs += first.copy_runs
+    stats.seconds = time.perf_counter() - t0
+    return stats

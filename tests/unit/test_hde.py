@@ -75,7 +75,7 @@ def test_page_classes_are_counted() -> None:
     new[8192 + 100:8192 + 108] = b"ABCDEFGH"  # patch, one run
     new[12288:16384] = os.urandom(4096)      # dense change: raw (a patch would not be smaller)
     delta, stats = hde.encode(new, base, level=3)
-    assert stats.pages == {"unchanged": 5, "zero": 1, "patch": 1, "raw": 1}
+    assert stats.pages == {"unchanged": 5, "zero": 1, "copy": 0, "patch": 1, "patch_from": 0, "raw": 1}
     assert stats.patch_runs == 1
     assert stats.literal_bytes == 8 + 4096
     assert hde.decode(delta, base)[0] == new
@@ -291,6 +291,10 @@ def test_fuzzed_batch_bodies_with_valid_frames(body: bytes, pages: int, codec: i
         pass
 
 
+def _hb(base: bytes) -> _core.HdeBase:
+    return _core.HdeBase([base], len(base), len(base))
+
+
 def _valid_header() -> bytes:
     from dwcp.compression.format import DeltaHeader, Mode
     return DeltaHeader(Mode.PAGE, PAGE * 4, PAGE * 4, PAGE, 2).pack()
@@ -329,7 +333,7 @@ def test_decode_never_reads_past_a_short_base() -> None:
     new = bytearray(base)
     new[PAGE + 5] ^= 1
     out = bytearray(_core.hde_batch_bound(2, PAGE))
-    n = ctx.encode_batch(0, new, base, None, PAGE, 3, out)
+    n = ctx.encode_batch(0, new, _hb(base), None, None, PAGE, 3, out)
     with pytest.raises(ProtocolError, match="base bytes"):
         ctx.decode_batch(bytes(out[:n]), PAGE, base[:PAGE], bytearray(2 * PAGE))
 
@@ -344,7 +348,7 @@ def test_mutated_bodies_with_recomputed_checksums(seed: int, flips: int) -> None
     new = bytes(mutate(base, rng, PAGE, len(base)))
     ctx = _core.HdeContext(1 << 16)
     out = bytearray(_core.hde_batch_bound(6, PAGE))
-    n = ctx.encode_batch(0, new, base, None, PAGE, _core.HDE_LEVEL_OFF, out)
+    n = ctx.encode_batch(0, new, _hb(base), None, None, PAGE, _core.HDE_LEVEL_OFF, out)
     frame = bytearray(out[:n])
     for _ in range(flips):
         pos = 64 + rng.randrange(n - 64)

@@ -7,12 +7,17 @@
  *              each run (not the XOR: new bytes look like the rest of the data, so zstd finds matches
  *              for them across pages; XOR noise it cannot)
  *   RAW        the page itself (no base, or the patch would not be smaller)
+ *   COPY       equal to a base page somewhere else (the content moved): the source is named by its
+ *              displacement in pages; consecutive copies with one displacement are one run
+ *   PATCH_FROM a PATCH against a base page somewhere else (a moved page that also changed)
+ * Moved pages are found through an index of the base (dwcp_hde_index): a hash of every base page for
+ * exact matches, and hashes of each page's quarters to find the page a changed page most resembles.
  * The batch body is three sections -- the class bytes, the literal bytes, the run headers -- so that
  * each compresses as its own kind of data; then the whole body goes through zstd once, which is where
  * most of the ratio comes from (matches across pages).
  *
  * Batch frame (64 bytes, little-endian; normative table in docs/hde.md):
- *   0  u32 magic "HDEB"     4  u8 codec   5  i8 level   6  u16 flags (0)
+ *   0  u32 magic "HDEB"     4  u8 codec   5  i8 level   6  u16 flags (DWCP_HDE_FLAG_*; format 1: 0)
  *   8  u64 first            first page of the batch (buffer mode: 0)
  *  16  u32 page_count       pages in the batch (buffer mode: 0)
  *  20  u32 reserved (0)
@@ -48,7 +53,16 @@ enum dwcp_hde_class {
     DWCP_HDE_ZERO = 1,
     DWCP_HDE_PATCH = 2,
     DWCP_HDE_RAW = 3,
+    DWCP_HDE_COPY = 4,       /* format 2 */
+    DWCP_HDE_PATCH_FROM = 5, /* format 2 */
 };
+
+/* Batch frame flags. A format-1 batch has none: its body has no refs section and only classes 0..3. */
+#define DWCP_HDE_FLAG_REFS 0x1u         /* body has a refs section (format 2): COPY and PATCH_FROM allowed */
+#define DWCP_HDE_FLAG_REFS_OUTSIDE 0x2u /* some COPY/PATCH_FROM reads a base page outside the batch's own
+                                         * region: an in-place apply must decode this batch before any other
+                                         * batch overwrites the base */
+#define DWCP_HDE_FLAGS_KNOWN (DWCP_HDE_FLAG_REFS | DWCP_HDE_FLAG_REFS_OUTSIDE)
 
 enum dwcp_hde_codec {
     DWCP_HDE_STORED = 0,    /* body stored as is */
@@ -73,6 +87,8 @@ enum dwcp_hde_err {
 
 typedef struct dwcp_hde_counts {
     uint64_t unchanged, zero, patch, raw; /* pages per class */
+    uint64_t copy, patch_from;            /* moved pages: exact, and patched */
+    uint64_t copy_runs;                   /* refs entries that start a run of COPY pages */
     uint64_t patch_runs;                  /* runs in PATCH pages */
     uint64_t literal_bytes;               /* new bytes carried by PATCH and RAW pages */
     uint64_t body_bytes;                  /* decoded body size */
@@ -82,6 +98,7 @@ typedef struct dwcp_hde_counts {
 typedef struct dwcp_hde_header {
     uint8_t codec;
     int8_t level;
+    uint16_t flags;
     uint64_t first;
     uint32_t page_count;
     uint64_t body_len;
@@ -102,16 +119,40 @@ const char *dwcp_hde_ctx_error(const dwcp_hde_ctx *ctx);
 /* Bytes an encoded batch of npages pages can take at most (header included). */
 size_t dwcp_hde_batch_bound(uint32_t npages, uint32_t page_size);
 
+/* The base (the version the peer holds) as the encoder sees it: fixed-size segments, any of which may be
+ * absent (evicted from the sender's baseline store; its pages are never referred to). A contiguous base
+ * is one segment with seg_bytes >= length. seg_bytes is a multiple of the page size. */
+typedef struct dwcp_hde_base {
+    const uint8_t *const *segs; /* nseg pointers; NULL = segment absent */
+    size_t nseg;
+    size_t seg_bytes;
+    uint64_t length;
+} dwcp_hde_base;
+
+/* An index of a base's pages: a hash table of whole pages (exact moves) and one of page quarters
+ * (to find the base page a changed page most resembles). Built in two steps so that the hashing, which
+ * reads the whole base, runs on many threads: dwcp_hde_index_hash on disjoint page ranges in parallel,
+ * then dwcp_hde_index_finish once. After finish it is read-only and may be shared by any number of
+ * encoder threads. It keeps pointers into the base's segments: they must outlive it.
+ * Pages at or past 2^32 - 1 are not indexed (they are still sent, just never found as moved). */
+typedef struct dwcp_hde_index dwcp_hde_index;
+dwcp_hde_index *dwcp_hde_index_new(const dwcp_hde_base *base, uint32_t page_size);
+uint64_t dwcp_hde_index_pages(const dwcp_hde_index *ix);
+int dwcp_hde_index_hash(dwcp_hde_index *ix, uint64_t first_page, uint64_t npages);
+int dwcp_hde_index_finish(dwcp_hde_index *ix);
+void dwcp_hde_index_free(dwcp_hde_index *ix);
+
 /* Encode pages [first, first + npages) of an image whose batch bytes are new_[0 .. new_len): every page
  * is page_size bytes except possibly the last (new_len need not be a multiple of page_size).
- * base/base_len: the same region of the version the peer holds (NULL/0 when there is none; pages past
- * base_len have no base). dirty: NULL, or npages bytes, 0 = the caller guarantees the page did not
- * change since the base (it is sent as UNCHANGED without comparing). level: zstd level, or
- * DWCP_HDE_LEVEL_OFF to store the body. Writes one batch frame to out (out_cap >=
- * dwcp_hde_batch_bound) and returns its length, or a DWCP_HDE_E_* code. counts accumulate. */
+ * base: the whole version the peer holds (NULL when there is none); page first + i is compared with the
+ * base at the same image offset, and, through ix (NULL: no moved-page search), with any base page.
+ * dirty: NULL, or npages bytes, 0 = the caller guarantees the page did not change since the base (it is
+ * sent as UNCHANGED without comparing). level: zstd level, or DWCP_HDE_LEVEL_OFF to store the body.
+ * Writes one batch frame to out (out_cap >= dwcp_hde_batch_bound) and returns its length, or a
+ * DWCP_HDE_E_* code. counts accumulate. */
 #define DWCP_HDE_LEVEL_OFF (-128)
 int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *ctx, uint64_t first, const uint8_t *new_, size_t new_len,
-                              const uint8_t *base, size_t base_len, const uint8_t *dirty,
+                              const dwcp_hde_base *base, const dwcp_hde_index *ix, const uint8_t *dirty,
                               uint32_t page_size, int level, uint8_t *out, size_t out_cap,
                               dwcp_hde_counts *counts);
 
@@ -119,12 +160,14 @@ int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *ctx, uint64_t first, const uint8_t *
 int dwcp_hde_parse_header(const uint8_t *in, size_t in_len, dwcp_hde_header *hdr);
 
 /* Decode one page-mode batch frame (header + stored bytes, exactly in_len bytes) whose pages cover
- * dst[0 .. dst_len) (dst_len = the batch's bytes in the new image). base/base_len: the same region of
- * the base (NULL/0 if none; a page that needs base bytes beyond base_len is DWCP_HDE_E_BASE).
- * If commit is NULL, every page of dst is written (UNCHANGED pages copied from base) and dst may not
- * overlap base. If commit is non-NULL (it may be base itself: in-place apply), dst is scratch: pages are
+ * dst[0 .. dst_len) (dst_len = the batch's bytes in the new image, which starts at page `first` of the
+ * header). base/base_len: the WHOLE base (NULL/0 if none); a page that needs base bytes beyond
+ * base_len is DWCP_HDE_E_BASE. dst may never overlap base.
+ * If commit is NULL, every page of dst is written (UNCHANGED pages copied from base). If commit is
+ * non-NULL (it may be the batch's own region of base: in-place apply), dst is scratch: pages are
  * rebuilt there, checked against result_xxh3, and only then the changed pages are copied to commit --
- * so a bad batch leaves commit untouched. counts accumulate. */
+ * so a bad batch leaves commit untouched. In place, a batch flagged DWCP_HDE_FLAG_REFS_OUTSIDE reads
+ * other regions of base, so it must be decoded before any other batch commits. counts accumulate. */
 int dwcp_hde_decode_batch(dwcp_hde_ctx *ctx, const uint8_t *in, size_t in_len, uint32_t page_size,
                           const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
                           uint8_t *commit, dwcp_hde_counts *counts);
