@@ -252,8 +252,12 @@ static int64_t patch_encode(const uint8_t *p, const uint8_t *b, size_t n, size_t
         if (i >= n)
             break;
         size_t start = i, j = i;
-        while (j + 8 <= n && ldw(p + j) != ldw(b + j))
+        /* Bail out inside a long run too: against the wrong page the first run is the whole page. */
+        while (j + 8 <= n && ldw(p + j) != ldw(b + j)) {
             j += 8;
+            if (cost + (j - start) >= limit)
+                return -1;
+        }
         if (j + 8 > n)
             while (j < n && p[j] != b[j])
                 j++;
@@ -698,7 +702,8 @@ struct patch_cand {
 };
 
 static int best_patch(const uint8_t *p, size_t n, const struct patch_cand *cands, int ncand, size_t limit,
-                      uint8_t *lits, uint8_t *runs, size_t *lit_used, size_t *runs_used, uint32_t *nruns)
+                      uint8_t *lits, uint8_t *runs, size_t *lit_used, size_t *runs_used, uint32_t *nruns,
+                      size_t *cost_out)
 {
     int best = -1, last = -1;
     size_t best_cost = limit;
@@ -725,7 +730,24 @@ static int best_patch(const uint8_t *p, size_t n, const struct patch_cand *cands
         *runs_used = used;
         *nruns = nr;
     }
+    if (cost_out && best >= 0)
+        *cost_out = best_cost;
     return best;
+}
+
+/* Adds the base page at displacement d from page g as a patch candidate, unless there is none, it is the
+ * same offset (the caller adds that one), or it is already a candidate. */
+static void add_cand(struct patch_cand *cands, int *ncand, const dwcp_hde_base *base,
+                     const dwcp_hde_index *ix, uint64_t g, uint64_t d, uint64_t ref_last)
+{
+    if (d == NO_DISP || d == 0 || g + d >= ix->npages)
+        return;
+    for (int q = 0; q < *ncand; q++)
+        if (cands[q].disp == d)
+            return;
+    const uint8_t *m = base_at(base, (g + d) * ix->ps, ix->ps);
+    if (m)
+        cands[(*ncand)++] = (struct patch_cand){m, d, varint64_len(zigzag(d - ref_last))};
 }
 
 int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *new_, size_t new_len,
@@ -839,32 +861,52 @@ int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *ne
                 k.zero++;
             continue;
         }
+        /* Candidates in the order most likely to win, so that a good patch found early makes every
+         * later attempt stop at its first few differing words: inside a shifted region the
+         * neighbours' displacement; else the same offset. The quarter vote (four hashes and lookups)
+         * only when neither gave a small patch. */
         struct patch_cand cands[4];
         int ncand = 0;
         const uint8_t *b = base_at(base, g * ps, n);
+        if (ix && n == ps) {
+            const uint64_t tries[2] = {prev_disp, near[pg]};
+            for (int t = 0; t < 2; t++)
+                add_cand(cands, &ncand, base, ix, g, tries[t], ref_last);
+        }
         if (b)
             cands[ncand++] = (struct patch_cand){b, 0, 0};
-        if (ix && n == ps) {
-            uint64_t tries[3] = {prev_disp, near[pg], NO_DISP};
-            uint32_t sim = ix_similar_page(ix, p);
-            if (sim != NO_PAGE)
-                tries[2] = (uint64_t)sim - g;
-            for (int t = 0; t < 3; t++) {
-                uint64_t d = tries[t];
-                if (d == NO_DISP || d == 0 || g + d >= ix->npages)
-                    continue;
-                int dup = 0;
-                for (int q = 0; q < ncand; q++)
-                    dup |= cands[q].disp == d;
-                const uint8_t *m = dup ? NULL : base_at(base, (g + d) * ps, ps);
-                if (m)
-                    cands[ncand++] = (struct patch_cand){m, d, varint64_len(zigzag(d - ref_last))};
-            }
-        }
         size_t lu = 0, ru = 0;
         uint32_t nruns = 0;
-        int won = ncand ? best_patch(p, n, cands, ncand, n, lits + lit_n, c->runs + runs_n, &lu, &ru, &nruns)
+        size_t best = n;
+        int won = ncand ? best_patch(p, n, cands, ncand, n, lits + lit_n, c->runs + runs_n, &lu, &ru, &nruns,
+                                     &best)
                         : -1;
+        if (ix && n == ps && best > ps / 8) {
+            uint32_t sim = ix_similar_page(ix, p);
+            int before = ncand;
+            if (sim != NO_PAGE)
+                add_cand(cands, &ncand, base, ix, g, (uint64_t)sim - g, ref_last);
+            if (ncand > before) {
+                size_t lu2 = 0, ru2 = 0;
+                uint32_t nr2 = 0;
+                /* Only the new candidate, under the best cost so far; on a win its bytes replace the
+                 * earlier winner's at the same place. */
+                int w = best_patch(p, n, cands + before, 1, best, lits + lit_n, c->runs + runs_n, &lu2, &ru2,
+                                   &nr2, &best);
+                if (w == 0) {
+                    won = before;
+                    lu = lu2;
+                    ru = ru2;
+                    nruns = nr2;
+                } else if (won >= 0) {
+                    /* the failed attempt may have overwritten the winner's bytes: write them again */
+                    size_t lu3 = 0, ru3 = 0;
+                    uint32_t nr3 = 0;
+                    best_patch(p, n, cands + won, 1, SIZE_MAX, lits + lit_n, c->runs + runs_n, &lu3, &ru3,
+                               &nr3, NULL);
+                }
+            }
+        }
         if (won < 0) {
             cls = DWCP_HDE_RAW;
             memcpy(lits + lit_n, p, n);

@@ -79,11 +79,14 @@ def _report(stats: Any, show: bool, as_json: bool) -> None:
     print(f"{j['op']}: {j['mode']} mode, {j['input_bytes']:,} image bytes <-> {j['output_bytes']:,} delta "
           f"bytes (ratio {stats.ratio:.1f}), {j['seconds'] * 1e3:.0f} ms in the codec = {stats.mb_per_s:,.0f} "
           f"MB/s, {j['threads']} threads", file=out)
+    if j["mode_reason"]:
+        print(f"mode: {j['mode_reason']}", file=out)
     if j["mode"] == "page":
         p = j["pages"]
         total = sum(p.values()) or 1
         print("pages: " + ", ".join(f"{k} {v:,} ({100 * v / total:.1f} %)" for k, v in p.items())
-              + f"; {j['patch_runs']:,} runs, {j['literal_bytes']:,} literal bytes", file=out)
+              + f"; {j['copy_runs']:,} copy runs, {j['patch_runs']:,} patch runs, {j['literal_bytes']:,} "
+              "literal bytes", file=out)
     if j["level"]:
         print(f"level: {j['level']['reason']}", file=out)
 

@@ -303,19 +303,35 @@ def choose_mode(nv: memoryview, bv: memoryview | None, *, mode: str = "auto", pa
     else:
         starts = {(k * pages) // SAMPLE_REGIONS for k in range(SAMPLE_REGIONS)}
         regions = [(s, min(SAMPLE_REGION_PAGES, pages - s)) for s in sorted(starts)]
+    # Each mode's sample is compressed as one piece, as the real encode compresses a whole batch
+    # (page mode) or the whole image (buffer mode): many small frames would hide the matches across
+    # regions that both modes find, and favour whichever mode has more of them.
     ctx = _core.HdeContext(max(n for _, n in regions) * page_size)
     counts0 = ctx.counts()
-    page_bytes = buffer_bytes = sampled = 0
+    bodies: list[bytes] = []
+    news: list[memoryview] = []
+    windows: list[memoryview] = []
+    sampled = 0
     for first, n in regions:
         part = nv[first * page_size:(first + n) * page_size]
         out = bytearray(_core.hde_batch_bound(n, page_size))
-        page_bytes += ctx.encode_batch(first, part, hb, ix, None, page_size, zlevel, out) - BATCH_HEADER_BYTES
+        size = ctx.encode_batch(first, part, hb, ix, None, page_size, _core.HDE_LEVEL_OFF, out)
+        bodies.append(bytes(memoryview(out)[BATCH_HEADER_BYTES:size]))
+        news.append(part)
         lo = max(0, first * page_size - SAMPLE_MARGIN_BYTES) if len(regions) > 1 else 0
         hi = min(len(bv), (first + n) * page_size + SAMPLE_MARGIN_BYTES) if len(regions) > 1 else len(bv)
-        zout = bytearray(_core.hde_buffer_bound(len(part)))
-        buffer_bytes += ctx.encode_buffer(part, bv[lo:hi] if hi > lo else None, zlevel, 1, zout) \
-            - BATCH_HEADER_BYTES
+        if hi > lo:
+            windows.append(bv[lo:hi])
         sampled += n
+    page_body = b"".join(bodies)
+    zout = bytearray(_core.hde_buffer_bound(max(len(page_body), sampled * page_size)))
+    if zlevel == _core.HDE_LEVEL_OFF:
+        page_bytes = len(page_body)
+    else:
+        page_bytes = ctx.encode_buffer(page_body, None, zlevel, 1, zout) - BATCH_HEADER_BYTES
+    prefix = b"".join(windows) if len(windows) > 1 else (windows[0] if windows else None)
+    buffer_bytes = ctx.encode_buffer(b"".join(news) if len(news) > 1 else news[0], prefix, zlevel, 1, zout) \
+        - BATCH_HEADER_BYTES
     c = ctx.counts()
     classes = {k: c[k] - counts0.get(k, 0) for k in PAGE_CLASSES}
     sample = {"pages": sampled, "classes": classes, "page_bytes": page_bytes, "buffer_bytes": buffer_bytes,
