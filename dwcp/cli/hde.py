@@ -8,7 +8,6 @@ under the requested name.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import mmap
 import os
@@ -29,16 +28,16 @@ def _open_read(path: str) -> BinaryIO:
 
 
 @contextlib.contextmanager
-def _mapped(path: str, populate: bool = True) -> Iterator[Any]:
-    """The file's bytes, mapped read-only and, unless told otherwise, pre-faulted (MAP_POPULATE: one
-    pass over the page cache instead of a fault per page)."""
+def _mapped(path: str) -> Iterator[Any]:
+    """The file's bytes, mapped read-only and pre-faulted (MAP_POPULATE: one pass over the page cache
+    instead of a fault per page)."""
     with _open_read(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             yield b""
             return
-        populate_flag = getattr(mmap, "MAP_POPULATE", 0) if populate else 0
-        m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | populate_flag, prot=mmap.PROT_READ)
+        m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                      prot=mmap.PROT_READ)
         try:
             yield m
         finally:
@@ -91,81 +90,11 @@ def _report(stats: Any, show: bool, as_json: bool) -> None:
         print(f"level: {j['level']['reason']}", file=out)
 
 
-def _copy_range(src_fd: int, out_fd: int, start: int, end: int, what: str) -> None:
-    """Copy bytes [start, end) of src into the same place of out inside the kernel: copy_file_range on
-    the same filesystem, sendfile across filesystems (copy_file_range says EXDEV there), reads last."""
-    done = start
-    how = "copy_file_range"
-    while done < end:
-        try:
-            if how == "copy_file_range":
-                k = os.copy_file_range(src_fd, out_fd, end - done, done, done)
-            elif how == "sendfile":
-                k = _sendfile_at(out_fd, src_fd, done, end - done)
-            else:
-                data = os.pread(src_fd, min(16 << 20, end - done), done)
-                k = os.pwrite(out_fd, data, done) if data else 0
-        except OSError as e:
-            if how == "read" or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise click.ClickException(f"cannot copy {what} into the output: {e.strerror}") from None
-            how = "sendfile" if how == "copy_file_range" else "read"
-            continue
-        if k <= 0:
-            raise click.ClickException(f"{what} ended after {done:,} bytes while copying it")
-        done += k
-
-
-class _Copier:
-    """Copies [0, length) of src into out on its own thread, in order, step bytes at a time; wait()
-    blocks until a region has been copied (and re-raises the copy's error)."""
-
-    def __init__(self, src_fd: int, out_fd: int, length: int, step: int, what: str) -> None:
-        import threading
-        self.done = 0
-        self.length = length
-        self.error: BaseException | None = None
-        self.stopped = False
-        self.cond = threading.Condition()
-
-        def run() -> None:
-            try:
-                pos = 0
-                while pos < length and not self.stopped:
-                    end = min(pos + step, length)
-                    _copy_range(src_fd, out_fd, pos, end, what)
-                    pos = end
-                    with self.cond:
-                        self.done = pos
-                        self.cond.notify_all()
-            except BaseException as e:  # handed to the waiters
-                with self.cond:
-                    self.error = e
-                    self.cond.notify_all()
-
-        self.thread = threading.Thread(target=run, name="dwcp-hde-copy", daemon=True)
-        self.thread.start()
-
-    def wait(self, offset: int, size: int) -> None:
-        need = min(offset + size, self.length)
-        with self.cond:
-            while self.done < need and self.error is None:
-                self.cond.wait()
-            if self.error is not None:
-                raise self.error
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.thread.join()
-
-
-def _sendfile_at(out_fd: int, src_fd: int, offset: int, count: int) -> int:
-    # sendfile writes at the output's file position, which threads share: use a private descriptor.
-    fd = os.open(f"/proc/self/fd/{out_fd}", os.O_WRONLY)
-    try:
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.sendfile(fd, src_fd, offset, count)
-    finally:
-        os.close(fd)
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        k = os.pwrite(fd, data, offset)
+        data = data[k:]
+        offset += k
 
 
 def _decode_mapped(fn: Any, delta: Any, fd: int, n: int, threads: int | None, *, populate: bool) -> Any:
@@ -240,27 +169,33 @@ def decode(base_path: str | None, delta_path: str, output: str, threads: int | N
             f = stack.enter_context(_output(output))
             n = header.new_length
             if n and base_path and header.has_base and header.mode is Mode.PAGE:
-                # Page mode against a base: most pages are unchanged. One thread copies the base into
-                # the output in the kernel (copy_file_range: no pass through user space), in order,
-                # batch by batch; the decoder patches each batch in place as soon as its region has
-                # arrived, so patching hides behind the copy. (Two threads copying at once were no
-                # faster than one: the copy is bound by page allocation, not by the CPU.)
+                # Page mode against a base: every page is either a base page (unchanged, or moved) or
+                # rebuilt. The decoder verifies each batch and hands back a plan; each segment is one
+                # pwrite, from the base's mapping or from the rebuilt batch, so every output byte is
+                # copied once, by the kernel, as cp does. No output mapping: faulting in hundreds of
+                # thousands of output pages cost more than the copy itself (and copy_file_range is
+                # refused across filesystems, with a sendfile fallback per segment far slower).
                 src = stack.enter_context(_open_read(base_path))
                 have = os.fstat(src.fileno()).st_size
                 if have != header.base_length:
                     raise DWCPError(f"{base_path} has {have:,} bytes; the delta was made against a base of "
                                     f"{header.base_length:,}: it is not the same version")
-                # Pages that moved are read from the base file itself (mapped, faulted in on demand).
-                pristine = stack.enter_context(_mapped(base_path, populate=False))
+                base = stack.enter_context(_mapped(base_path))
+                base_view = memoryview(base)
+                stack.callback(base_view.release)
                 os.ftruncate(f.fileno(), n)
-                copier = _Copier(src.fileno(), f.fileno(), min(n, header.base_length),
-                                 header.batch_pages * header.page_size, base_path)
-                stack.callback(copier.stop)
-                stats = _decode_mapped(lambda d, out, threads: codec.apply(d, out, base=pristine,
-                                                                         threads=threads,
-                                                                         before_batch=copier.wait),
-                                       delta, f.fileno(), n, threads, populate=False)
-                copier.wait(0, n)  # every byte copied (also past the last batch's start)
+                ps, out_fd = header.page_size, f.fileno()
+
+                def emit(image_offset: int, plan: list[tuple[int, int, int]], rebuilt: memoryview) -> None:
+                    for dst_page, src_page, count in plan:
+                        dst = dst_page * ps
+                        size = min(count * ps, n - dst)
+                        if src_page >= 0:
+                            _pwrite_all(out_fd, base_view[src_page * ps:src_page * ps + size], dst)
+                        else:
+                            _pwrite_all(out_fd, rebuilt[dst - image_offset:dst - image_offset + size], dst)
+
+                stats = codec.decode_plans(delta, base, emit, threads=threads)
             else:
                 base = stack.enter_context(_mapped(base_path)) if base_path and header.has_base else None
                 if n == 0:
