@@ -1014,45 +1014,9 @@ static int ranges_overlap(const uint8_t *a, size_t an, const uint8_t *b, size_t 
     return a0 < b0 + bn && b0 < a0 + an;
 }
 
-/* Appends page g, whose bytes come from base page src (DWCP_HDE_FROM_DST: rebuilt in dst), to the plan,
- * extending the last segment when it continues it. */
-static void plan_add(dwcp_hde_segment *segs, size_t *nseg, uint64_t g, uint64_t src)
-{
-    if (*nseg) {
-        dwcp_hde_segment *l = &segs[*nseg - 1];
-        if (l->dst_page + l->count == g &&
-            (src == DWCP_HDE_FROM_DST ? l->src_page == DWCP_HDE_FROM_DST
-                                      : l->src_page != DWCP_HDE_FROM_DST && l->src_page + l->count == src)) {
-            l->count++;
-            return;
-        }
-    }
-    segs[(*nseg)++] = (dwcp_hde_segment){g, src, 1};
-}
-
-static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
-                       const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len, uint8_t *commit,
-                       dwcp_hde_segment *plan, size_t *nplan, dwcp_hde_counts *counts);
-
 int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
                           const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
                           uint8_t *commit, dwcp_hde_counts *counts)
-{
-    return decode_impl(c, in, in_len, page_size, base, base_len, dst, dst_len, commit, NULL, NULL, counts);
-}
-
-int dwcp_hde_decode_plan(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
-                         const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
-                         dwcp_hde_segment *plan, size_t plan_cap, size_t *nplan, dwcp_hde_counts *counts)
-{
-    if (!plan || !nplan || plan_cap < (dst_len + page_size - 1) / page_size)
-        return DWCP_HDE_E_INVAL;
-    return decode_impl(c, in, in_len, page_size, base, base_len, dst, dst_len, NULL, plan, nplan, counts);
-}
-
-static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
-                       const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len, uint8_t *commit,
-                       dwcp_hde_segment *plan, size_t *nplan, dwcp_hde_counts *counts)
 {
     if (!c || !in || !dst || !counts || !valid_page_size(page_size) || dst_len == 0 ||
         dst_len > c->max_batch_bytes || (!base && base_len))
@@ -1091,7 +1055,7 @@ static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32
     const uint64_t own_off = h.first * ps;
     uint64_t ref_last = 0, copy_left = 0;
     int outside = 0;
-    size_t nhash = 0, np = 0;
+    size_t nhash = 0;
     dwcp_hde_counts k = {0};
 
     for (size_t pg = 0; pg < npages; pg++) {
@@ -1130,11 +1094,6 @@ static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32
             if (cls == DWCP_HDE_COPY) {
                 copy_left--;
                 k.copy++;
-                if (plan) {
-                    plan_add(plan, &np, g, src);
-                    dwcp_st64(c->hashes + 8 * nhash++, dwcp_xxh3(b, n));
-                    continue;
-                }
                 memcpy(d, b, n);
                 dwcp_st64(c->hashes + 8 * nhash++, dwcp_xxh3(d, n));
                 continue;
@@ -1146,11 +1105,7 @@ static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32
         switch (cls) {
         case DWCP_HDE_UNCHANGED:
             k.unchanged++;
-            if (plan) {
-                if (!b)
-                    return DWCP_HDE_E_BASE;
-                plan_add(plan, &np, g, g);
-            } else if (!commit) {
+            if (!commit) {
                 if (!b)
                     return DWCP_HDE_E_BASE;
                 memcpy(d, b, n);
@@ -1196,8 +1151,6 @@ static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32
         default:
             return DWCP_HDE_E_BODY;
         }
-        if (plan)
-            plan_add(plan, &np, g, DWCP_HDE_FROM_DST);
         dwcp_st64(c->hashes + 8 * nhash++, dwcp_xxh3(d, n));
     }
     if (lit != lit_end || run != run_end || ref != ref_end || copy_left != 0)
@@ -1217,8 +1170,6 @@ static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32
             memcpy(commit + off, dst + off, n);
         }
     }
-    if (plan)
-        *nplan = np;
     k.body_bytes = h.body_len;
     k.stored_bytes = h.stored_len;
     add_counts(counts, &k);

@@ -289,35 +289,6 @@ cdef class HdeContext:
         if r < 0:
             raise _hde_error(r, self.ctx, "decode batch")
 
-    def decode_plan(self, frame, uint32_t page_size, base, dst):
-        """Like decode_batch without commit, except that pages equal to a base page are not written to
-        dst: returns [(dst_page, src_page or -1, count)], in page order, where src_page -1 means "the
-        rebuilt bytes in dst at the same place". Everything is verified before this returns."""
-        cdef _OptBuffer f = _OptBuffer()
-        cdef _OptBuffer b = _OptBuffer()
-        cdef _OptBuffer d = _OptBuffer()
-        cdef int r
-        cdef size_t cap, n = 0, i
-        f.acquire(frame, False, "frame")
-        b.acquire(base, False, "base")
-        d.acquire(dst, True, "dst")
-        if page_size == 0:
-            raise ConfigError("page size must be positive")
-        cap = (d.size() + page_size - 1) // page_size
-        cdef dwcp_hde_segment *plan = <dwcp_hde_segment *>malloc((cap if cap else 1) * sizeof(dwcp_hde_segment))
-        if plan == NULL:
-            raise MemoryError("cannot allocate a decode plan")
-        try:
-            with nogil:
-                r = dwcp_hde_decode_plan(self.ctx, f.ptr(), f.size(), page_size, b.ptr(), b.size(),
-                                         <uint8_t *>d.ptr(), d.size(), plan, cap, &n, &self.c)
-            if r < 0:
-                raise _hde_error(r, self.ctx, "decode batch")
-            return [(plan[i].dst_page, -1 if plan[i].src_page == DWCP_HDE_FROM_DST else <int64_t>plan[i].src_page,
-                     plan[i].count) for i in range(n)]
-        finally:
-            free(plan)
-
     def encode_buffer(self, new, base, int level, int workers, out):
         """Buffer mode: `new` as one zstd frame with `base` (or None) as prefix; returns the frame length."""
         cdef _OptBuffer n = _OptBuffer()

@@ -539,30 +539,36 @@ def _decode_pages(op: str, header: DeltaHeader, dv: memoryview, refs: list[Batch
         return _page_stats(op, pool, header, len(dv), time.perf_counter() - t0, None)
 
 
-def decode_plans(delta: Any, base: Any, emit: Callable[[int, list[tuple[int, int, int]], memoryview], None], *,
-                 threads: int | None = None) -> HdeStats:
-    """Page mode, for writers of files: each batch is rebuilt and verified, then
-    emit(image_offset, plan, rebuilt) runs in the worker with the batch's plan -- (dst_page, src_page,
-    count) segments in page order: src_page >= 0 means "base pages src_page.. (copy them from the base
-    yourself)", -1 means "the bytes of rebuilt at (dst_page - first page of the batch) * page_size".
-    Pages equal to a base page are never copied in user space, so a file writer can have the kernel
-    copy them (copy_file_range) and write only what was rebuilt."""
+def decode_to_file(delta: Any, base: Any, fd: int, *, threads: int | None = None) -> HdeStats:
+    """Rebuild the new image into the file fd (it must already have the new length): each batch is
+    rebuilt in per-thread scratch, verified, then written with one pwrite at its place. No mapping of
+    the output: faulting in hundreds of thousands of output pages costs more than the writes, and one
+    large pwrite per batch costs what cp's copy does. On an error the file holds a mix of verified
+    batches and whatever it held before: write to a temporary file and rename it on success."""
     dv = byte_view(delta, what="delta")
     header = parse_header(dv)
-    if header.mode is not Mode.PAGE:
-        raise ConfigError("decode_plans() is for page-mode deltas; use decode_into() for buffer mode")
     bv = byte_view(base, what="base") if base is not None else None
     _check_base(header, bv)
+    if header.mode is Mode.BUFFER:
+        raise ConfigError("decode_to_file() is for page-mode deltas; decode a buffer-mode delta with "
+                          "decode_into() (zstd writes the whole image in one pass)")
     refs = list(iter_batches(header, dv))
     nthreads = threads if threads is not None else default_threads()
     span = header.batch_pages * header.page_size
 
     def rebuild(pool: _Pool, r: BatchRef, frame: memoryview) -> None:
         scratch = memoryview(pool.scratch(span))[:r.image_bytes]
-        plan = pool.ctx().decode_plan(frame, header.page_size, bv if header.has_base else None, scratch)
-        emit(r.image_offset, plan, scratch)
+        pool.ctx().decode_batch(frame, header.page_size, bv if header.has_base else None, scratch)
+        _pwrite_all(fd, scratch, r.image_offset)
 
     return _decode_pages("decode", header, dv, refs, nthreads, time.perf_counter(), rebuild)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        k = os.pwrite(fd, data, offset)
+        data = data[k:]
+        offset += k
 
 
 def decode(delta: Any, base: Any = None, *, threads: int | None = None) -> tuple[bytearray, HdeStats]:

@@ -91,12 +91,6 @@ cdef extern from "dwcp/hde.h" nogil:
     int dwcp_hde_decode_batch(dwcp_hde_ctx *ctx, const uint8_t *inp, size_t in_len, uint32_t page_size,
                               const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
                               uint8_t *commit, dwcp_hde_counts *counts)
-    ctypedef struct dwcp_hde_segment:
-        uint64_t dst_page, src_page, count
-    uint64_t DWCP_HDE_FROM_DST
-    int dwcp_hde_decode_plan(dwcp_hde_ctx *ctx, const uint8_t *inp, size_t in_len, uint32_t page_size,
-                             const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
-                             dwcp_hde_segment *plan, size_t plan_cap, size_t *nplan, dwcp_hde_counts *counts)
     size_t dwcp_hde_buffer_bound(size_t new_len)
     int64_t dwcp_hde_encode_buffer(dwcp_hde_ctx *ctx, const uint8_t *new_, size_t new_len,
                                    const uint8_t *base, size_t base_len, int level, int workers,

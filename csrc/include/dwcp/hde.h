@@ -172,22 +172,6 @@ int dwcp_hde_decode_batch(dwcp_hde_ctx *ctx, const uint8_t *in, size_t in_len, u
                           const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
                           uint8_t *commit, dwcp_hde_counts *counts);
 
-/* A decode plan: pages [dst_page, dst_page + count) of the image are base pages [src_page, ...), or,
- * with src_page == DWCP_HDE_FROM_DST, the rebuilt bytes at the same place of dst. */
-#define DWCP_HDE_FROM_DST UINT64_MAX
-typedef struct dwcp_hde_segment {
-    uint64_t dst_page, src_page, count;
-} dwcp_hde_segment;
-
-/* As dwcp_hde_decode_batch without commit, except that pages equal to a base page (UNCHANGED, COPY) are
- * not written to dst but listed in plan (plan_cap >= the batch's pages; *nplan segments, in page order,
- * consecutive pages merged): a caller writing a file copies those from the base file in the kernel and
- * writes only the rebuilt ones. Every page, copied ones included, is checked against result_xxh3 before
- * this returns OK. */
-int dwcp_hde_decode_plan(dwcp_hde_ctx *ctx, const uint8_t *in, size_t in_len, uint32_t page_size,
-                         const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
-                         dwcp_hde_segment *plan, size_t plan_cap, size_t *nplan, dwcp_hde_counts *counts);
-
 /* Buffer mode: the whole new image as one zstd frame, with base (if base_len > 0) as the prefix the
  * matches may refer to (long-distance matching on, window sized to base + new, as zstd --patch-from).
  * workers > 1 uses zstd's worker threads. Writes one batch frame; returns its length or an error. */
