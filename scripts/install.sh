@@ -15,7 +15,7 @@ APT_PACKAGES=(
   globus-gridftp-server-progs globus-gass-copy-progs     # GridFTP, a peer in bench/wan
   libzstd-dev                                            # zstd inside the HDE C core
   libssl-dev                                             # libcrypto's AEAD for sealed frames (C core)
-  zstd xdelta3 redis-server redis-tools                  # peers and the dataset of bench/hde
+  zstd xdelta3 redis-server redis-tools memcached        # peers and the datasets of bench/hde
   clang llvm bpftool libbpf-dev libelf-dev zlib1g-dev    # eBPF programs (CO-RE) and their loader
 )
 
