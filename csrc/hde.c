@@ -14,9 +14,11 @@
  *           page minus the page's own index (mod 2^64), last the previous entry's disp (0 at the start).
  * Sections rather than interleaved records: class bytes are long runs of one value, run headers are
  * small integers and literals are data; zstd models each far better when they are not interleaved. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <zstd.h>
 
@@ -29,6 +31,10 @@
 #define ERR_BYTES 160
 /* A refs entry: two varints, a zigzagged 64-bit displacement (<= 10 bytes) and a count (<= 5). */
 #define REF_MAX 15u
+/* A file writer's unit: small enough to stay in cache between being rebuilt and being written (the
+ * kernel's copy into the page cache then reads it from cache), large enough that the write calls cost
+ * nothing next to the copy. At least one page (pages are <= 64 KiB). */
+#define DECODE_CHUNK (1u << 20)
 #define NO_DISP (1ull << 63) /* "no match" in the per-page displacement arrays. Never a real one: page
                               * numbers are below 2^55 (pages >= 512 bytes), so g + 2^63 (mod 2^64) is
                               * never a page, while -1 (UINT64_MAX) is the most common displacement. */
@@ -44,6 +50,7 @@ struct dwcp_hde_ctx {
     uint8_t *refs;   /* REF_MAX * max_pages */
     uint64_t *disp;  /* per page of the batch being encoded: the displacement of its exact match */
     uint64_t *near;  /* per page: displacement of the nearest exact match after it (NO_DISP: none) */
+    uint8_t *chunk;  /* DECODE_CHUNK: pages rebuilt for a file writer, written a chunk at a time */
     char err[ERR_BYTES];
 };
 
@@ -71,9 +78,10 @@ dwcp_hde_ctx *dwcp_hde_ctx_new(size_t max_batch_bytes)
     c->refs = malloc(REF_MAX * c->max_pages);
     c->disp = malloc(sizeof(uint64_t) * c->max_pages);
     c->near = malloc(sizeof(uint64_t) * c->max_pages);
+    c->chunk = malloc(DECODE_CHUNK);
     c->cctx = ZSTD_createCCtx();
     c->dctx = ZSTD_createDCtx();
-    if (!c->body || !c->runs || !c->hashes || !c->refs || !c->disp || !c->near || !c->cctx || !c->dctx) {
+    if (!c->body || !c->runs || !c->hashes || !c->refs || !c->disp || !c->near || !c->chunk || !c->cctx || !c->dctx) {
         dwcp_hde_ctx_free(c);
         return NULL;
     }
@@ -92,6 +100,7 @@ void dwcp_hde_ctx_free(dwcp_hde_ctx *c)
     free(c->refs);
     free(c->disp);
     free(c->near);
+    free(c->chunk);
     free(c);
 }
 
@@ -1014,17 +1023,61 @@ static int ranges_overlap(const uint8_t *a, size_t an, const uint8_t *b, size_t 
     return a0 < b0 + bn && b0 < a0 + an;
 }
 
+/* Writes all of buf at off of fd (pwrite may write less, or be interrupted). */
+static int write_all(dwcp_hde_ctx *c, int fd, const uint8_t *buf, size_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t k = pwrite(fd, buf, len, (off_t)off);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            snprintf(c->err, sizeof(c->err), "write at offset %llu: %s", (unsigned long long)off,
+                     k < 0 ? strerror(errno) : "no progress");
+            return DWCP_HDE_E_IO;
+        }
+        buf += k;
+        len -= (size_t)k;
+        off += (uint64_t)k;
+    }
+    return DWCP_HDE_OK;
+}
+
+static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
+                       const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len, uint8_t *commit,
+                       int fd, uint64_t fd_off, dwcp_hde_counts *counts);
+
 int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
                           const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
                           uint8_t *commit, dwcp_hde_counts *counts)
 {
-    if (!c || !in || !dst || !counts || !valid_page_size(page_size) || dst_len == 0 ||
-        dst_len > c->max_batch_bytes || (!base && base_len))
+    if (!dst)
         return DWCP_HDE_E_INVAL;
     if (base && ranges_overlap(dst, dst_len, base, base_len))
         return DWCP_HDE_E_INVAL;
     if (commit && ranges_overlap(dst, dst_len, commit, dst_len))
         return DWCP_HDE_E_INVAL;
+    return decode_impl(c, in, in_len, page_size, base, base_len, dst, dst_len, commit, -1, 0, counts);
+}
+
+int dwcp_hde_decode_batch_fd(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
+                             const uint8_t *base, size_t base_len, size_t image_bytes, int fd, uint64_t fd_off,
+                             dwcp_hde_counts *counts)
+{
+    if (fd < 0)
+        return DWCP_HDE_E_INVAL;
+    return decode_impl(c, in, in_len, page_size, base, base_len, NULL, image_bytes, NULL, fd, fd_off, counts);
+}
+
+/* dst_len is the batch's bytes in the image. With fd >= 0, dst is unused: pages are rebuilt into the
+ * context's chunk buffer and written to fd at fd_off + their offset in the batch, a chunk at a time. */
+static int decode_impl(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uint32_t page_size,
+                       const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len, uint8_t *commit,
+                       int fd, uint64_t fd_off, dwcp_hde_counts *counts)
+{
+    if (!c || !in || !counts || !valid_page_size(page_size) || dst_len == 0 ||
+        dst_len > c->max_batch_bytes || (!base && base_len))
+        return DWCP_HDE_E_INVAL;
+    size_t chunk_start = 0, chunk_used = 0;
     dwcp_hde_header h;
     int rc = dwcp_hde_parse_header(in, in_len, &h);
     if (rc)
@@ -1064,7 +1117,19 @@ int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uin
         uint64_t g = h.first + pg;
         const uint8_t *b = base && own_off + off <= base_len && n <= base_len - (own_off + off)
                                ? base + own_off + off : NULL;
-        uint8_t *d = dst + off;
+        uint8_t *d;
+        if (fd >= 0) {
+            if (chunk_used + n > DECODE_CHUNK) {
+                if ((rc = write_all(c, fd, c->chunk, chunk_used, fd_off + chunk_start)) != 0)
+                    return rc;
+                chunk_start = off;
+                chunk_used = 0;
+            }
+            d = c->chunk + chunk_used;
+            chunk_used += n;
+        } else {
+            d = dst + off;
+        }
         uint8_t cls = classes[pg];
         if (cls > DWCP_HDE_RAW && !v2)
             return DWCP_HDE_E_BODY;
@@ -1105,7 +1170,7 @@ int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uin
         switch (cls) {
         case DWCP_HDE_UNCHANGED:
             k.unchanged++;
-            if (!commit) {
+            if (!commit) { /* (a file writer has no commit either: the page goes to the file) */
                 if (!b)
                     return DWCP_HDE_E_BASE;
                 memcpy(d, b, n);
@@ -1161,6 +1226,8 @@ int dwcp_hde_decode_batch(dwcp_hde_ctx *c, const uint8_t *in, size_t in_len, uin
         return DWCP_HDE_E_BODY;
     if (dwcp_xxh3(c->hashes, 8 * nhash) != h.result_xxh3)
         return DWCP_HDE_E_RESULT;
+    if (fd >= 0 && chunk_used && (rc = write_all(c, fd, c->chunk, chunk_used, fd_off + chunk_start)) != 0)
+        return rc;
     if (commit) {
         for (size_t pg = 0; pg < npages; pg++) {
             if (classes[pg] == DWCP_HDE_UNCHANGED)

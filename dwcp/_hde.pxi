@@ -289,6 +289,23 @@ cdef class HdeContext:
         if r < 0:
             raise _hde_error(r, self.ctx, "decode batch")
 
+    def decode_batch_to_fd(self, frame, uint32_t page_size, base, size_t image_bytes, int fd, uint64_t offset):
+        """Rebuild a batch (image_bytes of the image) and write it to the file fd at offset, a chunk at a
+        time, as it is rebuilt. The batch is verified before this returns, but a bad batch may already
+        have written part of its bytes: write to a temporary file, keep it only if every batch succeeded."""
+        cdef _OptBuffer f = _OptBuffer()
+        cdef _OptBuffer b = _OptBuffer()
+        cdef int r
+        f.acquire(frame, False, "frame")
+        b.acquire(base, False, "base")
+        with nogil:
+            r = dwcp_hde_decode_batch_fd(self.ctx, f.ptr(), f.size(), page_size, b.ptr(), b.size(), image_bytes,
+                                         fd, offset, &self.c)
+        if r == DWCP_HDE_E_IO:
+            raise OSError(f"decode batch: {(<bytes>dwcp_hde_ctx_error(self.ctx)).decode('utf-8', 'replace')}")
+        if r < 0:
+            raise _hde_error(r, self.ctx, "decode batch")
+
     def encode_buffer(self, new, base, int level, int workers, out):
         """Buffer mode: `new` as one zstd frame with `base` (or None) as prefix; returns the frame length."""
         cdef _OptBuffer n = _OptBuffer()

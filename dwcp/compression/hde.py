@@ -541,10 +541,11 @@ def _decode_pages(op: str, header: DeltaHeader, dv: memoryview, refs: list[Batch
 
 def decode_to_file(delta: Any, base: Any, fd: int, *, threads: int | None = None) -> HdeStats:
     """Rebuild the new image into the file fd (it must already have the new length): each batch is
-    rebuilt in per-thread scratch, verified, then written with one pwrite at its place. No mapping of
-    the output: faulting in hundreds of thousands of output pages costs more than the writes, and one
-    large pwrite per batch costs what cp's copy does. On an error the file holds a mix of verified
-    batches and whatever it held before: write to a temporary file and rename it on success."""
+    rebuilt by the C core a 1 MiB chunk at a time and written with pwrite as it goes, so writing starts
+    at once and the bytes are still in cache when the kernel copies them. No mapping of the output:
+    faulting in hundreds of thousands of output pages costs more than the writes. Every batch is
+    verified, but a bad one may have written part of itself first: write to a temporary file and
+    rename it only on success (the CLI does)."""
     dv = byte_view(delta, what="delta")
     header = parse_header(dv)
     bv = byte_view(base, what="base") if base is not None else None
@@ -554,21 +555,12 @@ def decode_to_file(delta: Any, base: Any, fd: int, *, threads: int | None = None
                           "decode_into() (zstd writes the whole image in one pass)")
     refs = list(iter_batches(header, dv))
     nthreads = threads if threads is not None else default_threads()
-    span = header.batch_pages * header.page_size
 
     def rebuild(pool: _Pool, r: BatchRef, frame: memoryview) -> None:
-        scratch = memoryview(pool.scratch(span))[:r.image_bytes]
-        pool.ctx().decode_batch(frame, header.page_size, bv if header.has_base else None, scratch)
-        _pwrite_all(fd, scratch, r.image_offset)
+        pool.ctx().decode_batch_to_fd(frame, header.page_size, bv if header.has_base else None, r.image_bytes,
+                                      fd, r.image_offset)
 
     return _decode_pages("decode", header, dv, refs, nthreads, time.perf_counter(), rebuild)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        k = os.pwrite(fd, data, offset)
-        data = data[k:]
-        offset += k
 
 
 def decode(delta: Any, base: Any = None, *, threads: int | None = None) -> tuple[bytearray, HdeStats]:

@@ -40,6 +40,7 @@ cdef extern from "dwcp/hde.h" nogil:
         DWCP_HDE_E_SPACE
         DWCP_HDE_E_INVAL
         DWCP_HDE_E_NOMEM
+        DWCP_HDE_E_IO
 
     ctypedef struct dwcp_hde_counts:
         uint64_t unchanged, zero, patch, raw
@@ -91,6 +92,9 @@ cdef extern from "dwcp/hde.h" nogil:
     int dwcp_hde_decode_batch(dwcp_hde_ctx *ctx, const uint8_t *inp, size_t in_len, uint32_t page_size,
                               const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
                               uint8_t *commit, dwcp_hde_counts *counts)
+    int dwcp_hde_decode_batch_fd(dwcp_hde_ctx *ctx, const uint8_t *inp, size_t in_len, uint32_t page_size,
+                                 const uint8_t *base, size_t base_len, size_t image_bytes, int fd,
+                                 uint64_t fd_off, dwcp_hde_counts *counts)
     size_t dwcp_hde_buffer_bound(size_t new_len)
     int64_t dwcp_hde_encode_buffer(dwcp_hde_ctx *ctx, const uint8_t *new_, size_t new_len,
                                    const uint8_t *base, size_t base_len, int level, int workers,

@@ -308,3 +308,23 @@ def test_fuzzed_refs_sections(classes: list[int], refs: bytes, lits: bytes, runs
         ctx.decode_batch(bytes(frame) + body, PAGE, base, bytearray(pages * PAGE))
     except ProtocolError:
         pass
+
+
+def test_decode_to_file_writes_the_image_and_reports_write_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(11)
+    base = bytes(memory_like(rng, 300, 4096))
+    new = adversary("insert_remove", rng, base, 4096)
+    new = new[:len(new) // 4096 * 4096]
+    delta, _ = hde.encode(new, base, mode="page", level=3, batch_bytes=64 << 10)
+    out = tmp_path / "out"
+    with open(out, "w+b") as f:
+        f.truncate(len(new))
+        stats = hde.decode_to_file(delta, base, f.fileno(), threads=2)
+    assert out.read_bytes() == new and stats.batches > 4
+    with open(out, "rb") as f, pytest.raises(OSError, match="write at offset"):
+        hde.decode_to_file(delta, base, f.fileno())        # read-only: every write fails
+    bad = bytearray(delta)
+    bad[-10] ^= 1
+    with open(out, "w+b") as f, pytest.raises(ProtocolError):
+        f.truncate(len(new))
+        hde.decode_to_file(bytes(bad), base, f.fileno())

@@ -83,6 +83,7 @@ enum dwcp_hde_err {
     DWCP_HDE_E_SPACE = -47,    /* output capacity too small */
     DWCP_HDE_E_INVAL = -48,    /* bad argument from the caller */
     DWCP_HDE_E_NOMEM = -49,
+    DWCP_HDE_E_IO = -50,       /* a file write failed (dwcp_hde_decode_batch_fd) */
 };
 
 typedef struct dwcp_hde_counts {
@@ -171,6 +172,15 @@ int dwcp_hde_parse_header(const uint8_t *in, size_t in_len, dwcp_hde_header *hdr
 int dwcp_hde_decode_batch(dwcp_hde_ctx *ctx, const uint8_t *in, size_t in_len, uint32_t page_size,
                           const uint8_t *base, size_t base_len, uint8_t *dst, size_t dst_len,
                           uint8_t *commit, dwcp_hde_counts *counts);
+
+/* As dwcp_hde_decode_batch without commit, for file writers: the batch's image_bytes are rebuilt a
+ * chunk at a time in the context and written to fd at fd_off onwards (pwrite; several threads may write
+ * their batches to one fd). A failed check may come after some of the batch is written: write to a
+ * temporary file and keep it only if every batch returned OK. DWCP_HDE_E_IO: a write failed (errno text
+ * in dwcp_hde_ctx_error). */
+int dwcp_hde_decode_batch_fd(dwcp_hde_ctx *ctx, const uint8_t *in, size_t in_len, uint32_t page_size,
+                             const uint8_t *base, size_t base_len, size_t image_bytes, int fd, uint64_t fd_off,
+                             dwcp_hde_counts *counts);
 
 /* Buffer mode: the whole new image as one zstd frame, with base (if base_len > 0) as the prefix the
  * matches may refer to (long-distance matching on, window sized to base + new, as zstd --patch-from).
