@@ -249,6 +249,7 @@ EXACT_AUTO_BYTES = 8 << 20
 #: either way, and the only ones where buffer mode wins do so by 1000x and more (content shifted by
 #: less than a page). Page mode is also 4-8x faster and can be applied in place.
 PAGE_MODE_SLACK = 1.25
+EXACT_PAGE_MODE_SLACK = 1.02
 
 
 @dataclass
@@ -346,7 +347,9 @@ def choose_mode(nv: memoryview, bv: memoryview | None, *, mode: str = "auto", pa
             f"{100 * (classes['patch'] + classes['patch_from']) / total:.0f} % patched, "
             f"{100 * classes['raw'] / total:.0f} % unmatched")
     where = "the whole image" if sample["exact"] else f"a sample of {sampled} pages"
-    if page_bytes <= buffer_bytes * PAGE_MODE_SLACK + 64 * len(regions):
+    # A whole small image is measured, not sampled: the smaller wins (ties and 2 % to page mode).
+    slack = EXACT_PAGE_MODE_SLACK if sample["exact"] else PAGE_MODE_SLACK
+    if page_bytes <= buffer_bytes * slack + 64 * len(regions):
         return ModeChoice(Mode.PAGE, f"page mode: on {where} ({what}) it makes {page_bytes:,} bytes, buffer mode "
                           f"{buffer_bytes:,}", sample, hb, ix)
     return ModeChoice(Mode.BUFFER, f"buffer mode: on {where} ({what}) page mode makes {page_bytes:,} bytes, "
