@@ -7,6 +7,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -212,3 +214,13 @@ class Records:
 
     def event(self, rng: random.Random) -> str:
         return f"{rng.choice(self.EVENTS)}:{1_700_000_000 + rng.randrange(10 ** 8)}:{rng.randrange(10 ** 9):x}"
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a server this module started, SIGKILL it if it has not exited within 20 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import os
 import random
-import signal
 import socket
 import subprocess
 import threading
@@ -30,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import CACHE, CLEAN_ENV, Records, describe, params_hash, snapshot
+from .common import CACHE, CLEAN_ENV, Records, describe, params_hash, snapshot, stop_process
 
 NAME = "memcached"
 GENERATOR_VERSION = 1
@@ -217,12 +216,7 @@ class Memcached:
         return out
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def build(params: dict[str, Any], tmp: Path) -> dict[str, Any]:

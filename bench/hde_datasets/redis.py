@@ -14,14 +14,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import CACHE, CLEAN_ENV, Records, params_hash, snapshot
+from .common import CACHE, CLEAN_ENV, Records, params_hash, snapshot, stop_process
 
 NAME = "redis"
 GENERATOR_VERSION = 1
@@ -154,12 +153,7 @@ class Redis:
         return dict(line.split(":", 1) for line in self.cli("INFO", "memory").splitlines() if ":" in line)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def build(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
