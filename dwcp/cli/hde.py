@@ -129,8 +129,10 @@ def encode(base_path: str | None, new_path: str, output: str, page_size: int, mo
     from dwcp.compression import hde as codec
     try:
         with contextlib.ExitStack() as stack:
-            base = stack.enter_context(_mapped(base_path)) if base_path else None
-            new = stack.enter_context(_mapped(new_path))
+            # Not pre-faulted: the index and the classifier threads fault the pages in as they read
+            # them, in parallel (MAP_POPULATE did it on one thread first: 50-100 ms on 2 x 360 MB).
+            base = stack.enter_context(_mapped(base_path, populate=False)) if base_path else None
+            new = stack.enter_context(_mapped(new_path, populate=False))
             f = stack.enter_context(_output(output))
             _, stats = codec.encode(new, base, mode=mode, page_size=page_size, level=level,
                                     link_bps=link_mbps * 1e6 if link_mbps else None, threads=threads,

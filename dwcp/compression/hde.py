@@ -397,7 +397,8 @@ def _encode_pages(nv: memoryview, hb: _core.HdeBase | None, page_size: int, lvl:
         index = _build_index(hb, page_size, threads)
     with _Pool(threads, span) as pool:
         if isinstance(lvl, str):
-            decision = _calibrate_pages(pool, header, region, hb, index, page_size, link_bps, bound)
+            decision = _calibrate_pages(pool, header, region, hb, index, page_size, link_bps, bound) \
+                if link_bps is not None else levels.offline()
         else:
             decision = levels.fixed(lvl)
         zlevel = _core.HDE_LEVEL_OFF if decision.level is None else decision.level
@@ -455,7 +456,7 @@ def _encode_buffer(nv: memoryview, bv: memoryview | None, lvl: int | None | str,
     ctx = _core.HdeContext(1 << 20)
     t0 = time.perf_counter()
     if isinstance(lvl, str):
-        decision = _calibrate_buffer(ctx, nv, threads, link_bps)
+        decision = _calibrate_buffer(ctx, nv, threads, link_bps) if link_bps is not None else levels.offline()
     else:
         decision = levels.fixed(lvl)
     zlevel = _core.HDE_LEVEL_OFF if decision.level is None else decision.level

@@ -8,8 +8,11 @@ speed). Both rates come from a calibration on the data itself (a few batches enc
 level), not from a table: ratio and speed both depend on the data far more than on the machine.
 
 Without a link (a delta written to a file) there is no rate to match and the output's size is the
-product; then the level is the best ratio among zstd levels at least 80 % as fast as the fastest level
-(off is not a candidate: offline, "uncompressed" is not what anyone asks an encoder for).
+product; then the level is zstd's default, 3 (what ``zstd --patch-from`` uses), without calibrating.
+Picking "the best ratio among levels nearly as fast as the fastest" from the calibration was tried and
+measured wrong: the calibration compresses small sample bodies, on which levels 6 and 9 cost about half
+of what they cost on a real 64 MiB batch body with its wide window (on the python snapshots of
+bench/hde level 6 was calibrated at 0.8x the fastest level and ran at 0.6x).
 
 The XenServer lesson falls out of the model: on a link faster than any level can compress (10 GbE with a
 couple of cores), every level's encode rate is below the uncompressed link rate, so "off" wins.
@@ -29,12 +32,8 @@ CANDIDATE_LEVELS: tuple[int, ...] = (-3, 1, 3, 6, 9)
 MIN_LEVEL, MAX_LEVEL = -7, 22
 #: Among levels whose predicted rate is within this fraction of the best, prefer the best ratio.
 TOLERANCE = 0.05
-#: With no link (a delta written to a file), the best ratio among zstd levels that keep at least this
-#: fraction of the fastest level's encode speed. Calibration runs on a few cache-warm 4 MiB samples and
-#: overstates how cheap compression is next to the whole encode: on the python snapshots of bench/hde
-#: (20 % step, a 33 MB body) level 9 was calibrated at 0.58x the fastest level and ran at 0.35x in full
-#: (1.0 s vs 0.35 s). 0.8 keeps the higher levels for small bodies, where they really are cheap.
-OFFLINE_SPEED_FRACTION = 0.8
+#: With no link (a delta written to a file): zstd's default level.
+OFFLINE_LEVEL = 3
 
 
 @dataclass(frozen=True)
@@ -85,20 +84,19 @@ def fixed(level: int | None) -> LevelDecision:
     return LevelDecision(level, f"{what}, as requested", None)
 
 
+def offline() -> LevelDecision:
+    """The level for a delta written to a file (no link rate to match): OFFLINE_LEVEL."""
+    return LevelDecision(OFFLINE_LEVEL, f"zstd level {OFFLINE_LEVEL}: no link rate given, so zstd's default; pass a "
+                         "link rate to match the level to a link", None)
+
+
 def decide(costs: Sequence[LevelCost], link_bps: float | None) -> LevelDecision:
-    """Choose among calibrated costs for a link of link_bps bits per second (None: no link, a file)."""
+    """Choose among calibrated costs for a link of link_bps bits per second (None: no link, a file:
+    see offline())."""
     if not costs:
         raise ConfigError("no calibrated levels to choose from")
     if link_bps is None:
-        zstd = [c for c in costs if c.level is not None] or list(costs)
-        fastest = max(c.encode_bps for c in zstd)
-        good = [c for c in zstd if c.encode_bps >= fastest * OFFLINE_SPEED_FRACTION]
-        pick = max(good, key=lambda c: (c.ratio, c.encode_bps))
-        what = "off" if pick.level is None else f"zstd level {pick.level}"
-        reason = (f"{what}: no link rate given, so the best ratio ({pick.ratio:.1f}) among levels at least "
-                  f"{OFFLINE_SPEED_FRACTION:.0%} as fast as the fastest level ({_mbs(pick.encode_bps)} of "
-                  f"{_mbs(fastest)}); pass a link rate to match the level to a link")
-        return LevelDecision(pick.level, reason, None, pick.encode_bps, tuple(costs))
+        return offline()
     link = float(link_bps)
     if not math.isfinite(link) or link <= 0:
         raise ConfigError(f"link rate must be a positive number of bits per second, got {link_bps}")
@@ -135,22 +133,17 @@ def calibrate(samples: Sequence[tuple[int, float, int]],
     compress(level) -> (seconds, compressed bytes) for the same bodies at that level.
     Encode rate = threads x input / (body build time + compression time).
     Stops once a level makes encoding the bottleneck on the link (a higher level is slower still, so
-    it cannot move data faster) or, without a link, once a level is under OFFLINE_SPEED_FRACTION of
-    the fastest level so far (decide() would not pick it)."""
+    it cannot move data faster)."""
     inp = sum(s[0] for s in samples)
     t_body = sum(s[1] for s in samples)
     body = sum(s[2] for s in samples)
     tiny = 1e-9
     costs = [LevelCost(None, threads * inp / max(t_body, tiny), inp / max(body, 1))]
-    fastest = 0.0  # of the zstd levels
     for level in levels:
         t, out = compress(level)
         c = LevelCost(level, threads * inp / max(t_body + t, tiny), inp / max(out, 1))
         costs.append(c)
-        fastest = max(fastest, c.encode_bps)
         if link_bps is not None and c.encode_bps < link_bps / 8 * c.ratio:
-            break
-        if link_bps is None and c.encode_bps < fastest * OFFLINE_SPEED_FRACTION:
             break
     return costs
 

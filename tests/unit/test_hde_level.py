@@ -36,12 +36,13 @@ def test_middle_link_picks_the_fastest_mover() -> None:
     assert d.predicted_bps == pytest.approx(1.6 * GB)
 
 
-def test_no_link_takes_the_best_ratio_at_half_the_fastest_speed_or_better() -> None:
-    costs = [LevelCost(None, 9.0 * GB, 2.0), LevelCost(1, 2.5 * GB, 18.0), LevelCost(3, 2.1 * GB, 21.0),
-             LevelCost(9, 1.0 * GB, 23.0)]
-    d = decide(costs, None)            # off is not a candidate offline, however fast
+def test_no_link_takes_zstds_default_level() -> None:
+    costs = [LevelCost(None, 9.0 * GB, 2.0), LevelCost(1, 2.5 * GB, 18.0), LevelCost(9, 2.4 * GB, 23.0)]
+    d = decide(costs, None)            # off is not a candidate offline, however fast; nor is a guess at 9
     assert d.level == 3 and d.link_bps is None
     assert "no link rate" in d.reason
+    _, stats = hde.encode(b"abc" * 100000, None)   # a file: no calibration
+    assert stats.level is not None and stats.level.level == 3 and not stats.level.costs
 
 
 def test_level_parsing() -> None:
