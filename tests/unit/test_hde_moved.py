@@ -319,3 +319,25 @@ def test_decode_to_file_writes_the_image_and_reports_write_errors(tmp_path) -> N
     with open(out, "w+b") as f, pytest.raises(ProtocolError):
         f.truncate(len(new))
         hde.decode_to_file(bytes(bad), base, f.fileno())
+
+
+@pytest.mark.parametrize("name", ["page", "page_nobase", "buffer"])
+def test_deltas_written_by_the_format_1_encoder_still_decode(name: str) -> None:
+    """tests/data/hde_v1: deltas written by dwcp at bd3a85c (format 1, before moved pages) from images
+    that make_images.py rebuilds; the current decoder and apply() must give them back exactly."""
+    import importlib.util
+    from pathlib import Path
+    here = Path(__file__).resolve().parent.parent / "data" / "hde_v1"
+    spec = importlib.util.spec_from_file_location("hde_v1_images", here / "make_images.py")
+    assert spec is not None and spec.loader is not None
+    images = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(images)
+    base, new, new_unaligned = images.images()
+    delta = (here / f"{name}.hde").read_bytes()
+    assert parse_header(delta).version == 1
+    want = new_unaligned if name == "buffer" else new
+    held = None if name == "page_nobase" else base
+    assert hde.decode(delta, held)[0] == want
+    target = bytearray(base) + bytearray(len(want) - len(base))
+    hde.apply(delta, target)
+    assert target == want
