@@ -5,8 +5,10 @@
     hde.apply(delta, target)                  # in place: target holds the base, ends up as new
 
 Page mode cuts the image into batches of pages (4-64 MiB, from the image size); every batch is encoded by the C core
-without the GIL, batches in parallel on a thread pool (one HdeContext per thread). Buffer mode is one zstd
-frame with the base as prefix and long-distance matching, like ``zstd --patch-from``.
+without the GIL, batches in parallel on a thread pool (one HdeContext per thread), each page compared with
+the base page at the same offset and, through an index of the base (HdeIndex), with wherever its content
+moved. Buffer mode is one zstd frame with the base as prefix and long-distance matching, like
+``zstd --patch-from``. Auto mode (choose_mode) encodes a sample both ways.
 """
 
 from __future__ import annotations
