@@ -4,6 +4,7 @@ connections cannot complete a session, though without the binding the relayed MA
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import subprocess
@@ -93,20 +94,28 @@ class TlsRelay:
             raw.close()
             return
 
-        def pump(src: ssl.SSLSocket, dst: ssl.SSLSocket) -> None:
+        # One thread for both directions: an SSL object must not be read on one thread while it is
+        # written on another (OpenSSL's SSL objects are not thread-safe, and CPython drops the GIL in
+        # both calls); two pump threads lost a handshake record now and then and the client timed out.
+        def pump() -> None:
             try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            except (OSError, ssl.SSLError):
+                while True:
+                    ready = [s for s in (a, b) if s.pending()] or select.select([a, b], [], [])[0]
+                    for src in ready:
+                        data = src.recv(65536)
+                        if not data:
+                            return
+                        (b if src is a else a).sendall(data)
+            except (OSError, ssl.SSLError, ValueError):
                 pass
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            finally:
+                for s in (a, b):
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
 
-        threading.Thread(target=pump, args=(a, b), daemon=True).start()
-        threading.Thread(target=pump, args=(b, a), daemon=True).start()
+        threading.Thread(target=pump, daemon=True).start()
 
     def close(self) -> None:
         self.lsock.close()
