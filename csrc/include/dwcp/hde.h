@@ -12,8 +12,8 @@
  *   PATCH_FROM a PATCH against a base page somewhere else (a moved page that also changed)
  * Moved pages are found through an index of the base (dwcp_hde_index): a hash of every base page for
  * exact matches, and hashes of each page's quarters to find the page a changed page most resembles.
- * The batch body is three sections -- the class bytes, the literal bytes, the run headers -- so that
- * each compresses as its own kind of data; then the whole body goes through zstd once, which is where
+ * The batch body is sections -- the class bytes, the literal bytes, the run headers, the page
+ * references (format 2) -- so that each compresses as its own kind of data; then the whole body goes through zstd once, which is where
  * most of the ratio comes from (matches across pages).
  *
  * Batch frame (64 bytes, little-endian; normative table in docs/hde.md):
@@ -90,8 +90,8 @@ typedef struct dwcp_hde_counts {
     uint64_t unchanged, zero, patch, raw; /* pages per class */
     uint64_t copy, patch_from;            /* moved pages: exact, and patched */
     uint64_t copy_runs;                   /* refs entries that start a run of COPY pages */
-    uint64_t patch_runs;                  /* runs in PATCH pages */
-    uint64_t literal_bytes;               /* new bytes carried by PATCH and RAW pages */
+    uint64_t patch_runs;                  /* runs in PATCH and PATCH_FROM pages */
+    uint64_t literal_bytes;               /* new bytes carried by PATCH, PATCH_FROM and RAW pages */
     uint64_t body_bytes;                  /* decoded body size */
     uint64_t stored_bytes;                /* stored (compressed) body size */
 } dwcp_hde_counts;
