@@ -710,38 +710,33 @@ struct patch_cand {
     size_t extra; /* bytes of its refs entry */
 };
 
-static int best_patch(const uint8_t *p, size_t n, const struct patch_cand *cands, int ncand, size_t limit,
-                      uint8_t *lits, uint8_t *runs, size_t *lit_used, size_t *runs_used, uint32_t *nruns,
-                      size_t *cost_out)
+/* The best patch so far: which candidate (-1: none), its whole cost (literals + run headers + refs
+ * entry; starts as the page size, the cost of RAW) and the sizes of what it left at lits/runs. */
+struct patch_pick {
+    int won;
+    size_t cost, lits, runs;
+    uint32_t nruns;
+};
+
+/* Tries cands[from, ncand) against the best so far; each attempt stops once it costs as much as the
+ * winner. Whoever wins, its literals and run headers are at lits/runs on return (a losing attempt after
+ * the winner overwrote them, so the winner is written again). */
+static void best_patch(const uint8_t *p, size_t n, const struct patch_cand *cands, int from, int ncand,
+                       uint8_t *lits, uint8_t *runs, struct patch_pick *pick)
 {
-    int best = -1, last = -1;
-    size_t best_cost = limit;
-    for (int k = 0; k < ncand; k++) {
-        if (cands[k].extra >= best_cost)
+    int last = -1;
+    for (int k = from; k < ncand; k++) {
+        if (cands[k].extra >= pick->cost)
             continue;
         size_t used = 0;
         uint32_t nr = 0;
-        int64_t l = patch_encode(p, cands[k].page, n, best_cost - cands[k].extra, lits, runs, &used, &nr);
+        int64_t l = patch_encode(p, cands[k].page, n, pick->cost - cands[k].extra, lits, runs, &used, &nr);
         last = k;
-        if (l < 0)
-            continue;
-        best = k;
-        best_cost = (size_t)l + used + cands[k].extra;
-        *lit_used = (size_t)l;
-        *runs_used = used;
-        *nruns = nr;
+        if (l >= 0)
+            *pick = (struct patch_pick){k, (size_t)l + used + cands[k].extra, (size_t)l, used, nr};
     }
-    if (best >= 0 && best != last) { /* a later, losing attempt overwrote the winner's bytes */
-        size_t used = 0;
-        uint32_t nr = 0;
-        int64_t l = patch_encode(p, cands[best].page, n, SIZE_MAX, lits, runs, &used, &nr);
-        *lit_used = (size_t)l;
-        *runs_used = used;
-        *nruns = nr;
-    }
-    if (cost_out && best >= 0)
-        *cost_out = best_cost;
-    return best;
+    if (pick->won >= 0 && last >= 0 && last != pick->won)
+        (void)patch_encode(p, cands[pick->won].page, n, SIZE_MAX, lits, runs, &pick->runs, &pick->nruns);
 }
 
 /* Adds the base page at displacement d from page g as a patch candidate, unless there is none, it is the
@@ -884,38 +879,16 @@ int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *ne
         }
         if (b)
             cands[ncand++] = (struct patch_cand){b, 0, 0};
-        size_t lu = 0, ru = 0;
-        uint32_t nruns = 0;
-        size_t best = n;
-        int won = ncand ? best_patch(p, n, cands, ncand, n, lits + lit_n, c->runs + runs_n, &lu, &ru, &nruns,
-                                     &best)
-                        : -1;
-        if (ix && n == ps && best > ps / 8) {
+        struct patch_pick pick = {-1, n, 0, 0, 0};
+        best_patch(p, n, cands, 0, ncand, lits + lit_n, c->runs + runs_n, &pick);
+        if (ix && n == ps && pick.cost > ps / 8) {
             uint32_t sim = ix_similar_page(ix, p);
             int before = ncand;
             if (sim != NO_PAGE)
                 add_cand(cands, &ncand, base, ix, g, (uint64_t)sim - g, ref_last);
-            if (ncand > before) {
-                size_t lu2 = 0, ru2 = 0;
-                uint32_t nr2 = 0;
-                /* Only the new candidate, under the best cost so far; on a win its bytes replace the
-                 * earlier winner's at the same place. */
-                int w = best_patch(p, n, cands + before, 1, best, lits + lit_n, c->runs + runs_n, &lu2, &ru2,
-                                   &nr2, &best);
-                if (w == 0) {
-                    won = before;
-                    lu = lu2;
-                    ru = ru2;
-                    nruns = nr2;
-                } else if (won >= 0) {
-                    /* the failed attempt may have overwritten the winner's bytes: write them again */
-                    size_t lu3 = 0, ru3 = 0;
-                    uint32_t nr3 = 0;
-                    best_patch(p, n, cands + won, 1, SIZE_MAX, lits + lit_n, c->runs + runs_n, &lu3, &ru3,
-                               &nr3, NULL);
-                }
-            }
+            best_patch(p, n, cands, before, ncand, lits + lit_n, c->runs + runs_n, &pick);
         }
+        int won = pick.won;
         if (won < 0) {
             cls = DWCP_HDE_RAW;
             memcpy(lits + lit_n, p, n);
@@ -923,10 +896,10 @@ int64_t dwcp_hde_encode_batch(dwcp_hde_ctx *c, uint64_t first, const uint8_t *ne
             k.literal_bytes += n;
             k.raw++;
         } else {
-            lit_n += lu;
-            runs_n += ru;
-            k.patch_runs += nruns;
-            k.literal_bytes += lu;
+            lit_n += pick.lits;
+            runs_n += pick.runs;
+            k.patch_runs += pick.nruns;
+            k.literal_bytes += pick.lits;
             uint64_t d = cands[won].disp;
             if (d == 0) {
                 cls = DWCP_HDE_PATCH;

@@ -313,15 +313,15 @@ def choose_mode(nv: memoryview, bv: memoryview | None, *, mode: str = "auto", pa
     # Each mode's sample is compressed as one piece, as the real encode compresses a whole batch
     # (page mode) or the whole image (buffer mode): many small frames would hide the matches across
     # regions that both modes find, and favour whichever mode has more of them.
-    ctx = _core.HdeContext(max(n for _, n in regions) * page_size)
-    counts0 = ctx.counts()
+    most = max(n for _, n in regions)
+    ctx = _core.HdeContext(most * page_size)
+    out = bytearray(_core.hde_batch_bound(most, page_size))
     bodies: list[bytes] = []
     news: list[memoryview] = []
     windows: list[memoryview] = []
     sampled = 0
     for first, n in regions:
         part = nv[first * page_size:(first + n) * page_size]
-        out = bytearray(_core.hde_batch_bound(n, page_size))
         size = ctx.encode_batch(first, part, hb, ix, None, page_size, _core.HDE_LEVEL_OFF, out)
         bodies.append(bytes(memoryview(out)[BATCH_HEADER_BYTES:size]))
         news.append(part)
@@ -340,7 +340,7 @@ def choose_mode(nv: memoryview, bv: memoryview | None, *, mode: str = "auto", pa
     buffer_bytes = ctx.encode_buffer(b"".join(news) if len(news) > 1 else news[0], prefix, zlevel, 1, zout) \
         - BATCH_HEADER_BYTES
     c = ctx.counts()
-    classes = {k: c[k] - counts0.get(k, 0) for k in PAGE_CLASSES}
+    classes = {k: c[k] for k in PAGE_CLASSES}  # a fresh context: these are the sample's
     sample = {"pages": sampled, "classes": classes, "page_bytes": page_bytes, "buffer_bytes": buffer_bytes,
               "exact": len(regions) == 1 and len(nv) <= EXACT_AUTO_BYTES}
     total = max(1, sampled)
