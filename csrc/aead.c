@@ -160,8 +160,13 @@ void dwcp_seal_accept(dwcp_seal *s, uint64_t ctr)
     s->next = ctr + 1;
 }
 
-static int set_epoch_key(dwcp_seal *s, void *evp, int64_t *keyed, uint32_t epoch)
+/* Keys evp (one of the seal's two contexts, whose keyed epoch is *keyed) for the epoch of counter ctr,
+ * unless it already has that key. */
+static int key_for_counter(dwcp_seal *s, void *evp, int64_t *keyed, uint64_t ctr)
 {
+    uint32_t epoch = (uint32_t)(ctr >> 32);
+    if ((int64_t)epoch == *keyed)
+        return 0;
     uint8_t info[32], key[32];
     static const char label[] = "dwcp v2 frame key"; /* followed by its NUL */
     size_t n = sizeof label;
@@ -188,12 +193,9 @@ static int set_epoch_key(dwcp_seal *s, void *evp, int64_t *keyed, uint32_t epoch
 int dwcp_seal_begin(dwcp_seal *s, uint64_t ctr, const uint8_t *hdr, size_t hdr_len)
 {
     EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *)s->ctx;
-    uint32_t epoch = (uint32_t)(ctr >> 32);
-    if ((int64_t)epoch != s->keyed_epoch) {
-        int rc = set_epoch_key(s, s->ctx, &s->keyed_epoch, epoch);
-        if (rc)
-            return rc;
-    }
+    int rc = key_for_counter(s, s->ctx, &s->keyed_epoch, ctr);
+    if (rc)
+        return rc;
     uint8_t nonce[DWCP_NONCE_BYTES];
     make_nonce(nonce, s->dir, s->link, ctr);
     int outl = 0;
@@ -207,12 +209,9 @@ int dwcp_seal_small(dwcp_seal *s, uint64_t ctr, const uint8_t *hdr, size_t hdr_l
                     uint8_t tag[DWCP_TAG_BYTES])
 {
     EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *)s->ctx2;
-    uint32_t epoch = (uint32_t)(ctr >> 32);
-    if ((int64_t)epoch != s->keyed_epoch2) {
-        int rc = set_epoch_key(s, s->ctx2, &s->keyed_epoch2, epoch);
-        if (rc)
-            return rc;
-    }
+    int rc = key_for_counter(s, s->ctx2, &s->keyed_epoch2, ctr);
+    if (rc)
+        return rc;
     uint8_t nonce[DWCP_NONCE_BYTES], dummy[32];
     make_nonce(nonce, s->dir, s->link, ctr);
     int outl = 0;
