@@ -113,7 +113,8 @@ def hde() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Delta file to write.")
 @click.option("--page-size", default=4096, show_default=True, help="Page size (page mode).")
 @click.option("--mode", type=click.Choice(["auto", "page", "buffer"]), default="auto", show_default=True,
-              help="page: memory images (whole pages); buffer: any file, like zstd --patch-from.")
+              help="page: memory images (whole pages, moved pages found); buffer: any file, like zstd "
+                   "--patch-from; auto: encodes a sample both ways (--stats says which and why).")
 @click.option("--level", default="auto", show_default=True,
               help="auto, off, or a zstd level (-7..22).")
 @click.option("--link-mbps", type=float, help="Link rate the delta will cross (level auto matches it).")
