@@ -32,7 +32,8 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             lazy={"diag": "dwcp.cli.diag:diag",       # dwcp diag: live link telemetry
+             lazy={"config": "dwcp.cli.config:config",  # dwcp config show|validate
+                   "diag": "dwcp.cli.diag:diag",       # dwcp diag: live link telemetry
                    "hde": "dwcp.cli.hde:hde",          # dwcp hde encode|decode
                    "netlab": "dwcp.cli.netlab:netlab"})  # dwcp netlab up|exec|status|down
 @click.version_option(dwcp.__version__, prog_name="dwcp")

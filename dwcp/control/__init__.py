@@ -1,0 +1,33 @@
+"""The control plane: configuration, the Manager and its decisions, metrics.
+
+    from dwcp import control
+    cfg = control.load_config()                      # defaults < runtime API < file < environment
+    mgr = control.Manager(cfg)
+    with mgr.open_channel("host:7000", key=KEY) as ch:  # DWCP when enabled and spoken, plain TCP if not
+        ch.send(buffer)
+    control.start_metrics_server(9464)
+
+Mechanism lives below (transport, compression, telemetry expose knobs); policy lives here. Every decision
+is a small object with what was decided, the value, the reason and the inputs it saw. See
+docs/configuration.md and docs/tuning.md.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from dwcp._lazy import lazy_attr
+
+if TYPE_CHECKING:
+    from dwcp.control.config import Config, load_config
+    from dwcp.control.metrics import MetricsRegistry, default_registry, start_metrics_server
+
+_LAZY = {
+    "Config": "dwcp.control.config", "load_config": "dwcp.control.config",
+    "MetricsRegistry": "dwcp.control.metrics", "default_registry": "dwcp.control.metrics",
+    "start_metrics_server": "dwcp.control.metrics",
+}
+
+__all__ = ["Config", "MetricsRegistry", "default_registry", "load_config", "start_metrics_server"]
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attr(globals(), __name__, _LAZY, name)
