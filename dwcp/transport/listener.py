@@ -15,8 +15,10 @@ import os
 import queue
 import socket
 import ssl
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from dwcp.transport.connect import tune_socket
 from dwcp.transport.options import SessionOptions, parse_address
 from dwcp.transport.session import Session
 from dwcp.wire import auth, messages
-from dwcp.wire.frames import MAX_CONTROL_BYTES, FrameType, encode_frame
+from dwcp.wire.frames import MAGIC, MAX_CONTROL_BYTES, FrameType, encode_frame
 from dwcp.wire.handshake import (ServerPolicy, SessionParams, parse_join, send_joined, server_handshake,
                                  verify_join)
 from dwcp.wire.io import read_frame, write_frame
@@ -34,6 +36,7 @@ from dwcp.wire.tls import FEATURE_TLS_BIND, server_binding
 log = logging.getLogger(__name__)
 
 MAX_PENDING_CONNECTIONS = 1024
+FRAME_MAGIC_BYTES = struct.pack("<I", MAGIC)  # how every DWCP connection's first frame starts
 
 
 @dataclass
@@ -62,6 +65,13 @@ class Listener:
         self._closed = threading.Event()
         self._handlers = threading.BoundedSemaphore(MAX_PENDING_CONNECTIONS)
         self.failed_handshakes = 0
+        # Hooks for dwcp.control's ChannelListener, which serves DWCP sessions and plain channels on
+        # one port: on_session takes each session instead of accept(); on_foreign(conn, peer, first)
+        # takes a connection whose first bytes are not the frame magic (or that sent nothing within
+        # first_bytes_wait_s).
+        self.on_session: Callable[[Session], None] | None = None
+        self.on_foreign: Callable[[socket.socket, tuple[str, int], bytes], None] | None = None
+        self.first_bytes_wait_s = 1.0
         self._thread = threading.Thread(target=self._accept_loop, name="dwcp-listener", daemon=True)
         self._thread.start()
 
@@ -69,6 +79,10 @@ class Listener:
     def address(self) -> tuple[str, int]:
         host, port = self._sock.getsockname()[:2]
         return host, port
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     def __enter__(self) -> Listener:
         return self
@@ -142,6 +156,11 @@ class Listener:
                 conn.settimeout(self._handshake_timeout_s)
                 conn = self.options.tls.wrap_socket(conn, server_side=True)
                 conn.settimeout(None)
+            if self.on_foreign is not None and self.options.tls is None:
+                first = _peek(conn, len(FRAME_MAGIC_BYTES), self.first_bytes_wait_s)
+                if first != FRAME_MAGIC_BYTES:
+                    self.on_foreign(conn, (peer[0], peer[1]), first)
+                    return
             deadline = time.monotonic() + self._handshake_timeout_s
             hdr, payload = read_frame(conn, max_payload=MAX_CONTROL_BYTES, deadline=deadline)
             if hdr.type == FrameType.HELLO:
@@ -212,7 +231,10 @@ class Listener:
             except BaseException:
                 _close_all([pending.control, *streams])
                 raise
-            self._ready.put(session)
+            if self.on_session is not None:
+                self.on_session(session)
+            else:
+                self._ready.put(session)
 
     def _expire_pending(self) -> None:
         now = time.monotonic()
@@ -227,6 +249,25 @@ class Listener:
             except OSError:
                 pass
             _close_all([p.control, *p.streams])
+
+
+def _peek(conn: socket.socket, n: int, wait_s: float) -> bytes:
+    """Up to n first bytes of conn without consuming them (b"" if none arrived within wait_s)."""
+    conn.settimeout(wait_s)
+    got = b""
+    deadline = time.monotonic() + wait_s
+    try:
+        while len(got) < n and time.monotonic() < deadline:
+            got = conn.recv(n, socket.MSG_PEEK)
+            if not got or got != FRAME_MAGIC_BYTES[:len(got)]:
+                break  # EOF, or bytes that already differ from the magic
+            if len(got) < n:
+                time.sleep(0.001)
+    except (socket.timeout, BlockingIOError):
+        pass
+    finally:
+        conn.settimeout(None)
+    return got
 
 
 def _close_all(socks: list[socket.socket | None]) -> None:
