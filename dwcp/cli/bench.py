@@ -1,6 +1,6 @@
 """dwcp-bench: memory-to-memory throughput between two hosts (or two processes), like iperf.
 
-    dwcp-bench server [--bind HOST[:PORT]]
+    dwcp-bench server [--bind HOST[:PORT]] [--metrics-port PORT]
     dwcp-bench client HOST[:PORT] [-p PORT] [-P N] [-t SECONDS] [-l CHUNK] [--json]
     dwcp-bench loopback [-P N] [-t SECONDS] [--json]
 
@@ -11,6 +11,7 @@ so it can print both sides' CPU use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,27 +140,35 @@ def main() -> None:
               help=f"Address to listen on: HOST, HOST:PORT, or :PORT for all (port {DEFAULT_PORT} "
                    "unless given).")
 @click.option("--once", is_flag=True, help="Exit after serving one client.")
+@click.option("--metrics-port", "metrics_port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics (bytes, streams, retransmits per client host) at "
+                   "http://127.0.0.1:PORT/metrics while the server runs; see docs/metrics.md.")
 @_io_threads_option
 @_key_options
-def server(bind: str, once: bool, io_threads: int, sndbuf_bytes: int, key_file: str | None,
-           insecure: bool, no_encrypt: bool) -> None:
+def server(bind: str, once: bool, metrics_port: int | None, io_threads: int, sndbuf_bytes: int,
+           key_file: str | None, insecure: bool, no_encrypt: bool) -> None:
     """Receive benchmark traffic from `dwcp-bench client`."""
     _warn_plaintext(insecure, no_encrypt)
-    try:
-        lis = dwcp.listen(parse_address(bind, default_port=DEFAULT_PORT), key_file=key_file,
-                          insecure=insecure, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes,
-                          encrypt=not no_encrypt)
-    except DWCPError as e:
-        raise click.ClickException(str(e)) from e
-    host, port = lis.address
-    click.echo(f"listening on {host or '*'}:{port}", err=False)
-    sys.stdout.flush()
-    with lis:
+    with contextlib.ExitStack() as stack:
+        track: Callable[[Session], None] = lambda session: None
+        try:
+            if metrics_port is not None:
+                track = _serve_metrics(stack, metrics_port)
+            lis = stack.enter_context(
+                dwcp.listen(parse_address(bind, default_port=DEFAULT_PORT), key_file=key_file,
+                            insecure=insecure, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes,
+                            encrypt=not no_encrypt))
+        except DWCPError as e:
+            raise click.ClickException(str(e)) from e
+        host, port = lis.address
+        click.echo(f"listening on {host or '*'}:{port}", err=False)
+        sys.stdout.flush()
         while True:
             try:
                 session = lis.accept()
             except KeyboardInterrupt:
                 return
+            track(session)
             click.echo(f"session from {session.peer[0]}:{session.peer[1]}: {session.params.streams} "
                        f"streams, chunk {session.params.chunk_bytes} B, backend {session.backend}, "
                        f"frames {session.stats()['cipher']}", err=True)
@@ -166,6 +176,19 @@ def server(bind: str, once: bool, io_threads: int, sndbuf_bytes: int, key_file: 
                 serve_session(session)
                 return
             threading.Thread(target=serve_session, args=(session,), daemon=True).start()
+
+
+def _serve_metrics(stack: contextlib.ExitStack, port: int) -> Callable[[Session], None]:
+    """Start /metrics on 127.0.0.1:port (closed with ``stack``) over the sessions given to the
+    returned function; the sessions' counters are read on scrape, never on the data path."""
+    from dwcp.control.metrics import SessionSource, default_registry, start_metrics_server
+
+    registry = default_registry()
+    sessions = SessionSource(registry, name="bench_server")
+    stack.callback(sessions.remove)
+    metrics = stack.enter_context(start_metrics_server(port, registry=registry))
+    click.echo(f"metrics at {metrics.url}", err=True)
+    return sessions.track
 
 
 # ---- client ------------------------------------------------------------------------------------

@@ -7,16 +7,20 @@ confidence) from a :class:`dwcp.telemetry.LinkMonitor`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dwcp.errors import DWCPError
 from dwcp.telemetry import FlowFilter, FlowSample, LinkMonitor, PeerEstimate, open_source, source_info
 from dwcp.telemetry.sources import SOURCES
+
+if TYPE_CHECKING:
+    from dwcp.control.metrics import PeerMetrics
 
 #: How often the monitor samples the source (the screen refreshes every --interval).
 POLL_S = 0.1
@@ -96,6 +100,26 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def peer_metrics(e: PeerEstimate) -> PeerMetrics:
+    """The monitor's estimate of one peer as metrics (0 bottleneck or RTT: not measured yet)."""
+    from dwcp.control.metrics import PeerMetrics
+
+    return PeerMetrics(e.peer, timestamp_s=e.timestamp_s, bottleneck_bps=e.bottleneck_bps or None,
+                       throughput_bps=e.throughput_bps, min_rtt_us=e.min_rtt_us or None,
+                       loss_ratio=e.loss_rate, tier=int(e.tier) if e.tier is not None else None)
+
+
+def _serve_metrics(stack: contextlib.ExitStack, monitor: LinkMonitor, port: int) -> None:
+    """/metrics on 127.0.0.1:port over the monitor's estimates (read on scrape), closed with ``stack``."""
+    from dwcp.control.metrics import default_registry, start_metrics_server
+
+    registry = default_registry()
+    stack.callback(registry.add_source(
+        "link_monitor", lambda: [peer_metrics(e) for e in monitor.estimates().values()]))
+    server = stack.enter_context(start_metrics_server(port, registry=registry))
+    click.echo(f"dwcp diag: metrics at {server.url}", err=True)
+
+
 @click.command()
 @click.option("--once", is_flag=True, help="Print one refresh (after one --interval of sampling) and exit.")
 @click.option("-i", "--interval", "interval_s", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
@@ -110,9 +134,17 @@ def render(doc: dict[str, Any]) -> str:
               help="Force a telemetry source (default: the best available; also $DWCP_TELEMETRY).")
 @click.option("--netns", default=None, help="Watch the flows of this network namespace (`ip netns` name).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many refreshes.")
+@click.option("--metrics-port", "metrics_port", type=click.IntRange(1, 65535), default=None,
+              help="While refreshing every --interval, also serve the per-peer estimates as Prometheus "
+                   "metrics at http://127.0.0.1:PORT/metrics (not with --once); see docs/metrics.md.")
 def diag(once: bool, interval_s: float, as_json: bool, peer: str | None, ports: tuple[int, ...],
-         pid: int | None, cgroup: str | None, source: str | None, netns: str | None, count: int | None) -> None:
+         pid: int | None, cgroup: str | None, source: str | None, netns: str | None, count: int | None,
+         metrics_port: int | None) -> None:
     """Live link diagnostics: per-flow TCP state and per-peer tier, bottleneck and min RTT."""
+    if once and metrics_port is not None:
+        raise click.UsageError("--metrics-port serves the live estimates while diag refreshes every "
+                               "--interval; --once exits after one refresh, before anything could scrape "
+                               "it: drop one of the two")
     flt = FlowFilter(ports=frozenset(ports) if ports else None, peer=peer, pid=pid, cgroup=cgroup)
     try:
         info = source_info(source, netns=netns)
@@ -127,7 +159,9 @@ def diag(once: bool, interval_s: float, as_json: bool, peer: str | None, ports: 
     n = 0
     tty = sys.stdout.isatty() and not as_json
     try:
-        with LinkMonitor(src, interval_s=POLL_S) as monitor:
+        with LinkMonitor(src, interval_s=POLL_S) as monitor, contextlib.ExitStack() as metrics:
+            if metrics_port is not None:
+                _serve_metrics(metrics, monitor, metrics_port)
             monitor.poll()
             monitor.start()
             while True:
