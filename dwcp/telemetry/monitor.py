@@ -3,19 +3,35 @@
 It polls a :class:`~dwcp.telemetry.sources.FlowSource` (in a background thread, or by calling
 :meth:`LinkMonitor.poll` / :meth:`LinkMonitor.ingest` yourself) and keeps, per peer (remote address):
 
-* **bottleneck_bps**: windowed max (``window_s``) of the peer's *aggregate* delivery rate. After every
-  poll the bytes acknowledged on all the peer's flows (a DWCP session stripes one transfer over many
-  streams, so the path carries the sum) over the last rate span, max(``rate_span_s``, ``rate_span_rtts`` (8) min RTTs) on
-  the monitor's clock, make one rate sample. That is the kernel's delivery-rate definition taken over
-  at least eight RTTs instead of one ACK: the kernel's per-ACK ``delivery_rate`` on loopback and veth is
-  measured over microseconds and reads 100-400 Gbit/s when the goodput is 15, and on a 150 ms path
-  per-poll byte deltas between ACK bursts read several times the link rate; both are shown per flow
-  but not used here. A sample is app-limited when the kernel marked the latest delivery-rate sample of
-  every active flow app-limited; app-limited samples are ignored, unless the window holds no other or
-  they exceed the estimate (then the path demonstrably carried that much: a lower bound). A
-  receiving-only host sees no acknowledgements; its received goodput counts as an app-limited
-  (lower-bound) sample.
-* **min_rtt_us**: windowed min of the kernel's per-flow min RTT.
+* **bottleneck_bps**: windowed max (``window_s``) of the peer's *aggregate* delivery rate (a DWCP
+  session stripes one transfer over many streams, so the path carries the sum). One rate sample per
+  poll, measured one of two ways depending on the path's min RTT:
+
+  - **min RTT >= kernel_rate_min_rtt_us (5 ms): the kernel's delivery rate.** The sum, over the
+    peer's flows that moved data since the previous poll, of each flow's latest per-ACK delivery-rate
+    sample (``tcpi_delivery_rate``: segments *delivered* over the interval they took, at least one
+    min RTT long; SACKed data counts when it is SACKed). The sample is the median of these sums over
+    the last max(``rate_span_s``, ``kernel_rate_span_rtts`` (4) min RTTs), taken once the peer has
+    been active that long, so one odd poll (the first ACKs of a ramp, a sender stalled by the CPU)
+    is outvoted. Acknowledged *bytes* cannot be used on such a path once it loses packets: the
+    cumulative ACK stands still while a hole is repaired (SACKs keep arriving) and then jumps by
+    everything SACKed meanwhile, up to several BDPs; a short-span byte rate then reads far above the
+    link and the windowed max latches it (measured on the delay line: 0.72 Gbit/s on a 0.5 Gbit/s
+    x 100 ms link, 0.15 on 0.1 x 200 ms, even over 8-RTT spans, because a BBR sender with four
+    streams keeps the 1-BDP queue overflowing: thousands of repairs, ~6000 segments SACKed ahead of
+    the cumulative ACK at any time).
+  - **shorter paths: acknowledged bytes over a span.** Bytes acknowledged on all the peer's flows
+    over the last rate span, max(``rate_span_s``, ``rate_span_rtts`` (8) min RTTs) on the monitor's
+    clock. There the kernel's per-ACK sample is measured over microseconds and reads 3-10x the
+    goodput (100-400 Gbit/s on loopback when the goodput is 15; 40-120 on an unshaped veth at 10),
+    while the cumulative-ACK jump after a repair is one RTT's worth of data, tiny against a 0.2 s span.
+
+  A sample is app-limited when the kernel marked the latest delivery-rate sample of every active
+  flow app-limited; app-limited samples are ignored, unless the window holds no other or they exceed
+  the estimate (then the path demonstrably carried that much: a lower bound). A receiving-only host
+  sees no acknowledgements; its received goodput counts as an app-limited (lower-bound) sample.
+* **min_rtt_us**: windowed min of the kernel's per-flow min RTT (``tcpi_min_rtt``, itself a windowed
+  min); a flow without an RTT sample yet (the kernel reports ~0U) does not count.
 * **loss_rate**: retransmitted segments / segments sent over the window.
 * **confidence** (0..1) = samples x time x saturation: at least ``min_samples`` rate samples, data in
   flight for at least max(``min_active_s``, 10 RTTs), and the estimate has stopped growing (a
@@ -37,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import statistics
 import threading
 import time
 from collections import deque
@@ -52,6 +69,9 @@ from dwcp.telemetry.tier import Tier, TierDetector, TierThresholds
 
 log = logging.getLogger(__name__)
 
+#: What TCP_INFO (``tcpi_min_rtt``) and ``tcp_sock.rtt_min`` hold before the first RTT sample (~0U).
+_NO_RTT_US = 0xFFFFFFFF
+
 
 @dataclass(frozen=True)
 class PeerEstimate:
@@ -59,7 +79,7 @@ class PeerEstimate:
 
     peer: str
     timestamp_s: float
-    bottleneck_bps: float = 0.0     # windowed max of the aggregate delivery rate
+    bottleneck_bps: float = 0.0     # windowed max of the aggregate delivery rate (see the module doc)
     throughput_bps: float = 0.0     # aggregate goodput over the last rate span
     min_rtt_us: int = 0             # windowed min RTT
     srtt_us: int = 0                # mean smoothed RTT of the active flows
@@ -98,6 +118,7 @@ class _Peer:
     losses: deque[tuple[float, int, float]] = field(default_factory=deque)   # (t, retrans, segs sent)
     history: deque[tuple[float, float]] = field(default_factory=deque)       # (t, bottleneck)
     counters: deque[tuple[float, int, int]] = field(default_factory=deque)   # (t, acked, received)
+    kernel_rates: deque[tuple[float, float, bool]] = field(default_factory=deque)  # (t, sum bps, app_limited)
     acked_total: int = 0
     recv_total: int = 0
     active_since_s: float | None = None
@@ -117,9 +138,12 @@ class LinkMonitor:
                  clock: Callable[[], float] = time.monotonic, min_samples: int = 5,
                  min_active_s: float = 0.3, rate_span_s: float = 0.2, rate_span_rtts: float = 8.0,
                  plateau_min_s: float = 0.3, plateau_growth: float = 0.1,
-                 idle_s: float = 1.0) -> None:
+                 idle_s: float = 1.0, kernel_rate_min_rtt_us: int = 5000,
+                 kernel_rate_span_rtts: float = 4.0) -> None:
         if interval_s <= 0 or window_s <= 0:
             raise ConfigError("LinkMonitor: interval_s and window_s must be > 0")
+        if kernel_rate_min_rtt_us < 0 or kernel_rate_span_rtts < 0:
+            raise ConfigError("LinkMonitor: kernel_rate_min_rtt_us and kernel_rate_span_rtts must be >= 0")
         self.source = source
         self.interval_s = interval_s
         self.window_s = window_s
@@ -133,6 +157,8 @@ class LinkMonitor:
         self.plateau_min_s = plateau_min_s
         self.plateau_growth = plateau_growth
         self.idle_s = idle_s
+        self.kernel_rate_min_rtt_us = kernel_rate_min_rtt_us
+        self.kernel_rate_span_rtts = kernel_rate_span_rtts
         self._lock = threading.RLock()
         self._flows: dict[int, _Flow] = {}
         self._peers: dict[str, _Peer] = {}
@@ -307,14 +333,20 @@ class LinkMonitor:
         segs = 0.0
         active = False
         srtts: list[int] = []
+        kernel_sum = 0.0
+        kernel_app_limited = True
         for s, prev in pairs:
-            if s.min_rtt_us > 0:
+            if 0 < s.min_rtt_us < _NO_RTT_US:
                 st.rtts.append((now, s.min_rtt_us))
             if prev is None:
                 continue
             d_acked = max(0, s.bytes_acked - prev.bytes_acked)
             d_recv = max(0, s.bytes_received - prev.bytes_received)
             d_sent = max(0, s.bytes_sent - prev.bytes_sent)
+            if (d_acked > 0 or d_sent > 0) and s.delivery_rate_bps > 0:
+                # A flow that moved data since the last poll: its latest per-ACK sample is current.
+                kernel_sum += s.delivery_rate_bps
+                kernel_app_limited = kernel_app_limited and s.delivery_app_limited
             if d_acked > 0:
                 active = True
                 d_acked_sum += d_acked
@@ -332,6 +364,7 @@ class LinkMonitor:
             if st.active_since_s is None:
                 st.active_since_s = now
                 st.counters.clear()  # a new ramp: rates are measured from its start
+                st.kernel_rates.clear()
         elif st.last_active_s is not None and now - st.last_active_s > self.idle_s:
             st.active_since_s = None  # the next burst starts a new ramp
         # Delivery rate over the last rate span (at least max(rate_span_s, rate_span_rtts RTTs), so that bursts of
@@ -354,14 +387,22 @@ class LinkMonitor:
             dt = now - base[0]
             goodput = (st.acked_total - base[1]) * 8 / dt
             recv_goodput = (st.recv_total - base[2]) * 8 / dt
-        if goodput > 0:
+        if kernel_sum > 0:
+            st.kernel_rates.append((now, kernel_sum, kernel_app_limited))
+        # A long path whose source reports per-ACK rates: they are the rate samples (none until the
+        # first kernel span is complete); else acknowledged bytes over the rate span (module doc).
+        if min_rtt_now >= self.kernel_rate_min_rtt_us and st.kernel_rates:
+            kernel_rate = self._kernel_rate(st, now, min_rtt_now)
+            if kernel_rate is not None:
+                st.rates.append((now, *kernel_rate))
+        elif goodput > 0:
             st.rates.append((now, goodput, all_app_limited))
         elif recv_goodput > 0:
             st.rates.append((now, recv_goodput, True))
         if retrans or segs:
             st.losses.append((now, retrans, segs))
         horizon = now - self.window_s
-        for dq in (st.rates, st.rtts, st.losses, st.history):
+        for dq in (st.rates, st.rtts, st.losses, st.history, st.kernel_rates):
             while dq and dq[0][0] < horizon:
                 dq.popleft()
 
@@ -399,3 +440,18 @@ class LinkMonitor:
                       time_to_decision_s=d.time_to_decision_s)
         st.estimate = est
         return est
+
+    def _kernel_rate(self, st: _Peer, now: float, min_rtt_us: int) -> tuple[float, bool] | None:
+        """(bps, app_limited): the median of the per-poll sums of the kernel's delivery rates over the
+        last kernel span, once the peer has been active that long; None before (or without samples).
+        The median is over the samples that were not app-limited if there are any."""
+        span = max(self.rate_span_s, self.kernel_rate_span_rtts * min_rtt_us / 1e6)
+        if st.active_since_s is None or now - st.active_since_s < span:
+            return None
+        recent = [(bps, app) for t, bps, app in st.kernel_rates if t > now - span]
+        full = [bps for bps, app in recent if not app]
+        if full:
+            return statistics.median(full), False
+        if recent:
+            return statistics.median(bps for bps, _ in recent), True
+        return None

@@ -59,16 +59,19 @@ class Flow:
         self.received = 0
         self.sent = 0
         self.retrans = 0
+        self.delivery_rate_bps = 0.0  # the kernel's latest per-ACK sample: the rate of the last advance()
 
     def sample(self, t: float, app_limited: bool = False) -> FlowSample:
         return FlowSample(cookie=self.cookie, saddr="198.18.0.1", sport=40000 + self.cookie, daddr=self.daddr,
                           dport=5301, timestamp_ns=int(t * 1e9), source="fake", srtt_us=self.rtt_us + 500,
-                          min_rtt_us=self.rtt_us, delivery_rate_bps=123, delivery_app_limited=app_limited,
+                          min_rtt_us=self.rtt_us, delivery_rate_bps=int(self.delivery_rate_bps),
+                          delivery_app_limited=app_limited,
                           bytes_acked=self.acked, bytes_received=self.received, bytes_sent=self.sent,
                           retrans=self.retrans, mss=self.mss, cwnd=10)
 
     def advance(self, dt: float, rate_bps: float, loss: float = 0.0) -> None:
         b = int(rate_bps * dt / 8)
+        self.delivery_rate_bps = rate_bps
         self.acked += b
         self.sent += b
         self.retrans += int(b / self.mss * loss)
