@@ -99,6 +99,7 @@ typedef struct lnk {
     int owner;     /* I/O thread that drives it in multi-thread calls */
     int alive;     /* atomic */
     int kill_req;  /* atomic: set by dwcp_streams_kill from any thread, applied by the owner */
+    int paused;    /* atomic, under s->pause_mu when written: takes no new chunk (dwcp_streams_pause) */
     int readable, writable, hup;
     int parked;    /* the header at the front of rb belongs to a later call */
     uint64_t begun_tid; /* XFER_BEGIN of this transfer is queued on (or went out on) this link */
@@ -185,6 +186,11 @@ struct dwcp_streams {
     int solo_ep, solo_evfd;
     int interrupt, busy, kills; /* atomic */
     int n_alive, n_alive_data;  /* atomic */
+    /* Data streams alive and not paused (atomic reads). Written under pause_mu by pausing and by a
+     * data stream's death, so a pause racing with a death never leaves it counting a dead link: a
+     * count too high would let paused links stand aside while no stream carries anything. */
+    pthread_mutex_t pause_mu;
+    int n_carriers;
 
     pthread_mutex_t mu; /* helper threads: job hand-off */
     pthread_cond_t go_cv, done_cv;
@@ -505,10 +511,16 @@ static void mark_dead(dwcp_streams *s, lnk *t, int err)
 {
     if (!is_alive(t))
         return;
+    if (!t->is_ctl)
+        pthread_mutex_lock(&s->pause_mu);
     __atomic_store_n(&t->alive, 0, __ATOMIC_RELEASE);
     __atomic_fetch_sub(&s->n_alive, 1, __ATOMIC_ACQ_REL);
-    if (!t->is_ctl)
+    if (!t->is_ctl) {
         __atomic_fetch_sub(&s->n_alive_data, 1, __ATOMIC_ACQ_REL);
+        if (!__atomic_load_n(&t->paused, __ATOMIC_ACQUIRE))
+            __atomic_fetch_sub(&s->n_carriers, 1, __ATOMIC_ACQ_REL);
+        pthread_mutex_unlock(&s->pause_mu);
+    }
     /* Shut down so the peer learns at once (its reads see EOF) instead of waiting for a timeout. */
     shutdown(t->fd, SHUT_RDWR);
     epoll_ctl(s->solo_ep, EPOLL_CTL_DEL, t->fd, NULL);
@@ -870,10 +882,14 @@ static void tx_setup(xfer *x, lnk *t, uint64_t c)
     t->tx_sent = 0;
 }
 
-/* Whether t may carry chunks: the control connection only when no data stream is left. */
+/* Whether t may carry chunks: the control connection only when no data stream is left; a paused
+ * stream only when every stream left is paused (pausing is a preference, never a reason to stall). */
 static int may_carry(const wctx *c, const lnk *t)
 {
-    return !t->is_ctl || __atomic_load_n(&c->s->n_alive_data, __ATOMIC_ACQUIRE) == 0;
+    if (t->is_ctl)
+        return __atomic_load_n(&c->s->n_alive_data, __ATOMIC_ACQUIRE) == 0;
+    return !__atomic_load_n(&t->paused, __ATOMIC_ACQUIRE) ||
+           __atomic_load_n(&c->s->n_carriers, __ATOMIC_ACQUIRE) == 0;
 }
 
 static int begin_only_needed(const xfer *x)
@@ -2749,6 +2765,7 @@ static void free_set(dwcp_streams *s)
     free(s->stop_msg);
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->inbox_mu);
+    pthread_mutex_destroy(&s->pause_mu);
     pthread_cond_destroy(&s->go_cv);
     pthread_cond_destroy(&s->done_cv);
     free(s);
@@ -2818,6 +2835,7 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
     s->solo_ep = s->solo_evfd = -1;
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->inbox_mu, NULL);
+    pthread_mutex_init(&s->pause_mu, NULL);
     pthread_cond_init(&s->go_cv, NULL);
     pthread_cond_init(&s->done_cv, NULL);
     int T = want ? want : dwcp_usable_cpus();
@@ -2886,6 +2904,7 @@ dwcp_streams *dwcp_streams_new(const int *fds, int n, const dwcp_set_opts *opts)
     }
     s->n_alive = s->nl;
     s->n_alive_data = n;
+    s->n_carriers = n;
     size_send_buffers(s, opts ? opts->sndbuf_bytes : 0);
     DBG_ADD(g_live_sets, 1);
     return s;
@@ -2937,6 +2956,34 @@ int dwcp_streams_alive_count(const dwcp_streams *s)
     for (int i = 0; s && i < s->n; i++)
         c += dwcp_streams_alive(s, i);
     return c;
+}
+
+int dwcp_streams_pause(dwcp_streams *s, int i, int paused)
+{
+    if (!s || i < 0 || i >= s->n)
+        return DWCP_E_INVAL;
+    lnk *t = &s->l[i];
+    paused = paused != 0;
+    pthread_mutex_lock(&s->pause_mu);
+    int was = __atomic_exchange_n(&t->paused, paused, __ATOMIC_ACQ_REL);
+    if (was != paused && is_alive(t))
+        __atomic_fetch_add(&s->n_carriers, paused ? -1 : 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_unlock(&s->pause_mu);
+    if (was && !paused) {
+        /* The stream's socket may have been writable all along (edge-triggered epoll reports no
+         * new edge): wake the threads so they look at it again. */
+        wake(s->solo_evfd);
+        for (int k = 0; k < s->T; k++)
+            wake(s->w[k].evfd);
+    }
+    return 0;
+}
+
+int dwcp_streams_paused(const dwcp_streams *s, int i)
+{
+    if (!s || i < 0 || i >= s->n)
+        return 0;
+    return __atomic_load_n(&s->l[i].paused, __ATOMIC_ACQUIRE);
 }
 
 void dwcp_streams_kill(dwcp_streams *s, int i)

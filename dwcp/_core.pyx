@@ -776,6 +776,17 @@ cdef class StreamSet:
         self._check_open()
         dwcp_streams_kill(self._s, self._index(i))
 
+    def pause(self, i, paused=True):
+        """Pause (or resume) data stream i as a sender: it starts no new chunk while another stream
+        can carry them (thread-safe; a running transfer adapts at once)."""
+        self._check_open()
+        dwcp_streams_pause(self._s, self._index(i), 1 if paused else 0)
+
+    def paused(self):
+        """Per data stream: paused?"""
+        self._check_open()
+        return [bool(dwcp_streams_paused(self._s, i)) for i in range(self._n)]
+
     def kill_control(self):
         """Mark the control connection dead and shut it down (the other links carry on)."""
         self._check_open()

@@ -73,6 +73,8 @@ cdef extern from "dwcp/amst.h" nogil:
     int dwcp_streams_alive(const dwcp_streams *s, int i)
     int dwcp_streams_alive_count(const dwcp_streams *s)
     void dwcp_streams_kill(dwcp_streams *s, int i)
+    int dwcp_streams_pause(dwcp_streams *s, int i, int paused)
+    int dwcp_streams_paused(const dwcp_streams *s, int i)
     void dwcp_streams_stats(const dwcp_streams *s, dwcp_stats *out)
     int dwcp_send_transfer(dwcp_streams *s, const void *buf, uint64_t buf_len,
                            const dwcp_xfer_opts *opts, uint64_t *sent_length)

@@ -209,6 +209,7 @@ class _Stream:
         self.is_control = control
         self.wire = STREAM_CONTROL if control else index   # the stream index its frames carry
         self.sock = sock
+        self.paused = False    # as a sender: takes no new chunk while an unpaused stream is alive
         self.ssl_sock = sock if isinstance(sock, ssl.SSLSocket) else None
         self.alive = True
         self.kill_requested = False
@@ -451,8 +452,12 @@ class _SendTransfer(_Transfer):
                 and not any(s.begun_tid == self.transfer_id for s in self.owner._live()))
 
     def _may_carry(self, st: _Stream) -> bool:
-        # The control connection carries chunks only when no data stream is left.
-        return not st.is_control or not any(s.alive and not s.is_control for s in self.owner._streams)
+        # The control connection carries chunks only when no data stream is left; a paused stream
+        # only when every data stream left is paused (as in amst.c's may_carry).
+        if st.is_control:
+            return not any(s.alive and not s.is_control for s in self.owner._streams)
+        return not st.paused or not any(s.alive and not s.is_control and not s.paused
+                                        for s in self.owner._streams)
 
     # -- pulling chunks --------------------------------------------------------------------------
     def can_pull(self, st: _Stream) -> bool:
@@ -1023,6 +1028,17 @@ class PyStreamSet:
         if len(self._streams) == self.count:
             raise ConfigError("this stream set has no control connection")
         self._kill_link(self._streams[-1])
+
+    def pause(self, i: int, paused: bool = True) -> None:
+        """Pause (or resume) data stream i as a sender (see dwcp_streams_pause in amst.h)."""
+        if not 0 <= i < self.count:
+            raise ConfigError(f"stream index {i} out of range 0..{self.count - 1}")
+        with self._lock:
+            self._streams[i].paused = bool(paused)
+        self._wake()
+
+    def paused(self) -> list[bool]:
+        return [st.paused for st in self._streams[:self.count]]
 
     def kill(self, i: int) -> None:
         """Mark stream i dead and shut its socket down (the peer sees EOF and re-routes its chunks)."""

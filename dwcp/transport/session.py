@@ -461,6 +461,36 @@ class Session:
         except DWCPError:
             return dict(self._last_stats)  # closed by another thread in the meantime
 
+    # ---- stream count ------------------------------------------------------------------------------
+    @property
+    def active_streams(self) -> int:
+        """Data streams that take new chunks when this side sends (the others stand by, paused)."""
+        if self._closed:
+            return 0
+        alive, paused = self._engine.alive(), self._engine.paused()
+        return sum(1 for a, p in zip(alive, paused) if a and not p)
+
+    def set_active_streams(self, n: int) -> int:
+        """Send new chunks on n of the session's data streams (1..streams) and pause the others, also
+        while a transfer runs: a paused stream finishes the frame it is writing and starts no new one,
+        so the change takes effect within a chunk. The receiver needs no notice (any stream may carry
+        any chunk). Live streams are preferred; returns the number active. This is the knob the stream
+        tuner turns (dwcp.control.tuner)."""
+        self._check_open()
+        total = self.params.streams
+        if not 1 <= n <= total:
+            raise ConfigError(f"active streams must be 1..{total} (the streams this session opened), got {n}")
+        alive = self._engine.alive()
+        order = [i for i in range(total) if alive[i]] + [i for i in range(total) if not alive[i]]
+        active = set(order[:n])
+        # Resume before pausing, so some stream can always take chunks.
+        for i in sorted(active):
+            self._engine.pause(i, False)
+        for i in range(total):
+            if i not in active:
+                self._engine.pause(i, True)
+        return self.active_streams
+
     def data_sockets(self) -> list[Any]:
         """The data streams' sockets (a copy of the list), for telemetry: e.g.
         ``LinkMonitor.register_session`` reads their cookies. Do not read from or write to them."""
@@ -492,6 +522,7 @@ class Session:
             "peer": f"{self.peer[0]}:{self.peer[1]}",
             "streams": self.params.streams,
             "streams_alive": alive,
+            "streams_active": 0 if self._closed else self.active_streams,
             "control_alive": control_alive,
             "io_threads": self.io_threads,
             "sndbuf_bytes": self._engine.sndbuf[0] if not self._closed else 0,

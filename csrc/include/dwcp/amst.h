@@ -139,6 +139,14 @@ int dwcp_streams_io_threads(const dwcp_streams *s);
 int dwcp_streams_alive(const dwcp_streams *s, int i);
 /* Usable data streams (the control link not counted). */
 int dwcp_streams_alive_count(const dwcp_streams *s);
+/* Pause (paused != 0) or resume data stream i as a sender (thread-safe, also while a transfer runs):
+ * a paused stream starts no new chunk, while the frame it is writing and the ACKs it reads go on, and
+ * it still carries chunks when every stream left is paused. The receiver needs no notice: any stream
+ * may carry any chunk. This is how a stream-count tuner retires and adds streams within a session.
+ * Returns 0, or DWCP_E_INVAL for a bad index. */
+int dwcp_streams_pause(dwcp_streams *s, int i, int paused);
+/* 1 if data stream i is paused. */
+int dwcp_streams_paused(const dwcp_streams *s, int i);
 /* Mark a link dead (i == count: the control link); the engine also shuts the socket down. */
 void dwcp_streams_kill(dwcp_streams *s, int i);
 /* The SO_SNDBUF the set gave its links (0: left to the kernel's autotuning) and, in auto mode, the
