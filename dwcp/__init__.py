@@ -20,14 +20,15 @@ from dwcp.errors import (AdmissionDenied, AuthError, CapabilityError, ConfigErro
 
 if TYPE_CHECKING:
     from dwcp._features import feature_report
-    from dwcp.transport.connect import connect
+    from dwcp.control.connect import connect
     from dwcp.transport.listener import Listener, listen
     from dwcp.transport.session import BufferTooSmall, Session
 
+# dwcp.connect is the transport's, plus streams="auto" (the control plane's tuner, imported only then).
 # The transport (sockets, ssl, telemetry) and the feature probe are imported on first use, so that
 # `import dwcp` -- and every `dwcp` command that does not need them, like `dwcp hde` -- starts fast.
 _LAZY = {"BufferTooSmall": "dwcp.transport", "Listener": "dwcp.transport", "Session": "dwcp.transport",
-         "connect": "dwcp.transport", "listen": "dwcp.transport", "feature_report": "dwcp._features"}
+         "connect": "dwcp.control.connect", "listen": "dwcp.transport", "feature_report": "dwcp._features"}
 
 __version__ = "0.1.0"
 

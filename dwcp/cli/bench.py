@@ -249,17 +249,19 @@ class _Progress:
                    f"{_fmt_rate(iv.as_dict()['throughput_bps'])}  retr {iv.retransmits}")
 
 
-def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int,
+def run_client(addr: str, *, streams: int | str, seconds: float, chunk_bytes: int, buffer_bytes: int,
                interval_s: float, key: bytes | str | None, key_file: str | None, insecure: bool,
-               quiet: bool, io_threads: int = 0, sndbuf_bytes: int = 0, encrypt: bool = True) -> dict[str, Any]:
+               quiet: bool, io_threads: int = 0, sndbuf_bytes: int = 0, encrypt: bool = True,
+               max_streams: int | None = None) -> dict[str, Any]:
     tty = sys.stdout.isatty() and not quiet
     buffer_bytes = max(chunk_bytes, buffer_bytes // chunk_bytes * chunk_bytes)
     # Incompressible bytes, so nothing below us (or a future compressing path) flatters the figure.
     pattern = os.urandom(min(buffer_bytes, 1 << 20))
     buf = bytearray((pattern * (buffer_bytes // len(pattern) + 1))[:buffer_bytes])
+    auto: dict[str, Any] = {"auto_max_streams": max_streams} if streams == "auto" else {}
     with dwcp.connect(addr, key=key, key_file=key_file, insecure=insecure, streams=streams,
                       chunk_bytes=chunk_bytes, timeout_s=max(10.0, seconds), io_threads=io_threads,
-                      sndbuf_bytes=sndbuf_bytes, encrypt=encrypt) as s:
+                      sndbuf_bytes=sndbuf_bytes, encrypt=encrypt, **auto) as s:
         if not quiet:
             click.echo(f"Connecting to {addr}: {s.params.streams} streams, chunk {s.params.chunk_bytes} B, "
                        f"frames {s.stats()['cipher']}, checksum {s.params.checksum}, backend {s.backend}, zero-copy "
@@ -282,11 +284,17 @@ def run_client(addr: str, *, streams: int, seconds: float, chunk_bytes: int, buf
         s.send(json.dumps({"op": "report"}).encode())
         server_report = json.loads(bytes(s.recv(timeout_s=30)))
         stats = s.stats()
+        tuner = s.attached("stream_tuner")
+        if tuner is not None:
+            tuner.stop()
     return {
         "throughput_bps": moved * 8 / elapsed,
         "bytes": moved,
         "seconds": elapsed,
-        "streams": stats["streams"],
+        # With -P auto: the count the tuner ended on, the streams opened, and every change with its reason.
+        "streams": tuner.settled if tuner is not None else stats["streams"],
+        "streams_opened": stats["streams"],
+        "stream_tuner": tuner.stats() if tuner is not None else None,
         "io_threads": stats["io_threads"],
         "sndbuf_bytes": stats["sndbuf_bytes"],
         "path_rtt_us": stats["path_rtt_us"],
@@ -346,7 +354,11 @@ def print_summary(r: dict[str, Any]) -> None:
     click.echo("- " * 30)
     click.echo(f"[SUM]   0.00-{r['seconds']:6.2f} sec  {_fmt_bytes(r['bytes'])}  "
                f"{_fmt_rate(r['throughput_bps'])}  retr {r['retransmits']}  sender")
-    click.echo(f"streams {r['streams']}, chunk {r['chunk_bytes']} B, frames {r['cipher']}, checksum {r['checksum']}, "
+    tuner = r.get("stream_tuner")
+    if tuner:
+        for c in tuner["changes"]:
+            click.echo(f"  streams -> {c['streams']:3d} at {c['at_s']:6.2f} s: {c['reason']}")
+    click.echo(f"streams {r['streams']}{' (auto, of ' + str(r['streams_opened']) + ' opened)' if tuner else ''}, chunk {r['chunk_bytes']} B, frames {r['cipher']}, checksum {r['checksum']}, "
                f"chunks re-sent {r['chunks_resent']}")
     click.echo(f"CPU: client {r['cpu']['client_percent']:.0f}%, server {r['cpu']['server_percent']:.0f}% "
                f"(100% = one core)")
@@ -370,9 +382,29 @@ def _client_options(f: Any) -> Any:
                      show_default=True, help="Chunk size in bytes.")(f)
     f = click.option("-t", "--time", "seconds", type=click.FloatRange(min=0.1), default=10.0,
                      show_default=True, help="Seconds to send.")(f)
-    f = click.option("-P", "--parallel", "streams", type=click.IntRange(1, 256), default=1,
-                     show_default=True, help="Number of parallel TCP streams.")(f)
+    f = click.option("--max-streams", "max_streams", type=click.IntRange(1, 256), default=None,
+                     help="With -P auto: streams opened for the tuner to choose from (default 64).")(f)
+    f = click.option("-P", "--parallel", "streams", type=StreamCount(), default="1", show_default=True,
+                     help="Parallel TCP streams, 1..256, or 'auto': the stream tuner starts from the "
+                          "tier's count and adds or retires streams while data flows.")(f)
     return f
+
+
+class StreamCount(click.ParamType):  # type: ignore[type-arg]  # generic only in click's stubs
+    """-P: 1..256 or auto."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if value == "auto":
+            return "auto"
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a stream count (1..256) nor 'auto'", param, ctx)
+        if not 1 <= n <= 256:
+            self.fail(f"{n} streams: use 1..256 or 'auto'", param, ctx)
+        return n
 
 
 def _emit(result: dict[str, Any], as_json: bool) -> None:
@@ -399,9 +431,9 @@ def client_address(host: str, port: int | None) -> tuple[str, int]:
               help=f"Server port (default {DEFAULT_PORT}; HOST:PORT works too).")
 @_client_options
 @_key_options
-def client(host: str, port: int | None, streams: int, seconds: float, chunk_bytes: int,
+def client(host: str, port: int | None, streams: int | str, seconds: float, chunk_bytes: int,
            buffer_bytes: int, interval_s: float, as_json: bool, io_threads: int, sndbuf_bytes: int,
-           key_file: str | None, insecure: bool, no_encrypt: bool) -> None:
+           key_file: str | None, insecure: bool, no_encrypt: bool, max_streams: int | None) -> None:
     """Send to a `dwcp-bench server` at HOST (HOST:PORT, or HOST with -p PORT)."""
     _warn_plaintext(insecure, no_encrypt)
     try:
@@ -410,7 +442,7 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
         result = run_client(addr, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=None, key_file=key_file,
                             insecure=insecure, quiet=as_json, io_threads=io_threads,
-                            sndbuf_bytes=sndbuf_bytes, encrypt=not no_encrypt)
+                            sndbuf_bytes=sndbuf_bytes, encrypt=not no_encrypt, max_streams=max_streams)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _emit(result, as_json)
@@ -420,8 +452,8 @@ def client(host: str, port: int | None, streams: int, seconds: float, chunk_byte
 @_client_options
 @click.option("--no-encrypt", "no_encrypt", is_flag=True,
               help="Plaintext (checksummed) frames on both ends, to see what sealing costs.")
-def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, interval_s: float,
-             as_json: bool, io_threads: int, sndbuf_bytes: int, no_encrypt: bool) -> None:
+def loopback(streams: int | str, seconds: float, chunk_bytes: int, buffer_bytes: int, interval_s: float,
+             as_json: bool, io_threads: int, sndbuf_bytes: int, no_encrypt: bool, max_streams: int | None) -> None:
     """Run a server in a child process on 127.0.0.1 and measure against it (random in-process key;
     frames sealed unless --no-encrypt)."""
     key = secrets.token_hex(32)
@@ -441,7 +473,7 @@ def loopback(streams: int, seconds: float, chunk_bytes: int, buffer_bytes: int, 
         result = run_client(f"127.0.0.1:{port}", streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=key, key_file=None,
                             insecure=False, quiet=as_json, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes,
-                            encrypt=not no_encrypt)
+                            encrypt=not no_encrypt, max_streams=max_streams)
         result["mode"] = "loopback"
     except DWCPError as e:
         raise click.ClickException(str(e)) from e

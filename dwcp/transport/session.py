@@ -90,6 +90,9 @@ class Session:
         self._counts = {"transfers_sent": 0, "transfers_received": 0, "bytes_sent": 0,
                         "bytes_received": 0}
         self._last_stats: dict[str, int] = {}
+        # Helpers that live as long as the session (the control plane's stream tuner): stopped when
+        # it closes, their stats() shown in ours. The transport only keeps them; it never decides.
+        self._attached: dict[str, Any] = {}
 
     # ---- context manager and lifecycle -------------------------------------------------------
     def __enter__(self) -> Session:
@@ -110,13 +113,30 @@ class Session:
     def close(self) -> None:
         """Close the session (idempotent). A transfer running in another thread fails with
         SessionClosedError."""
+        self._stop_attached()
         if not self._closed:
             self._shut(FrameType.CLOSE, b"", wait_for_transfer=True)
+
+    def attach(self, name: str, helper: Any) -> None:
+        """Keep helper (an object with stop() and stats()) for the session's life: its stats() appear
+        under stats()["attached"][name], and it is stopped when the session closes."""
+        self._attached[name] = helper
+
+    def attached(self, name: str) -> Any:
+        return self._attached.get(name)
+
+    def _stop_attached(self) -> None:
+        for name, helper in list(self._attached.items()):
+            try:
+                helper.stop()
+            except Exception:
+                log.exception("stopping %s of a session failed", name)
 
     def _fail(self, exc: DWCPError, *, level: int = logging.WARNING) -> DWCPError:
         """Close after a failed transfer (links may be mid-frame) and return the error to raise.
         Called from inside the transfer that failed, so it must not wait for the transfer lock."""
         log.log(level, "session with %s:%s failed: %s", self.peer[0], self.peer[1], exc)
+        self._stop_attached()
         if not self._closed:
             self._shut(FrameType.ABORT, messages.encode_abort(messages.Abort(str(exc))),
                        wait_for_transfer=False)
@@ -541,4 +561,5 @@ class Session:
                                 if engine.get("zc_fallback") else self.zerocopy_reason),
             "tcp_retransmits": 0 if self._closed else self.tcp_retransmits(),
             "recv_pool": self._pool.stats(),
+            "attached": {name: h.stats() for name, h in self._attached.items()},
         }

@@ -1,0 +1,311 @@
+"""The stream tuner: how many of a session's streams carry data, decided while data flows.
+
+No fixed stream count is right everywhere (BENCHMARKS.md: on a short uncapped link one stream fills
+the path and 64 lose 40 %; with 256 KiB windows over 100 ms, 64 streams are needed). The tuner turns
+``Session.set_active_streams`` (a sender-side knob: paused streams stand by, the receiver needs no
+notice) from what the session itself moves:
+
+* **climb**: from the initial count (the Manager's plan: the tier's default, or what the peer needed
+  last time) it doubles the active streams while each doubling raises goodput by ``gain`` (10 %);
+* **descend**: when a doubling does not pay, it goes back and then tries halving, keeping fewer streams
+  while they move at least ``1 - slack`` (97 %) as much: a link that few streams fill is never flooded;
+* **hold**: then it keeps the count, re-probing after ``reprobe_s`` of steady flow, when goodput moves
+  by a third, or when told to (``reprobe()``: the Manager's tier, degradation and route events).
+
+Each step waits for the change to settle (new streams leave slow start within a few RTTs) and measures
+goodput over max(``min_window_s``, ``window_rtts`` RTTs); a doubling that inflates the smoothed RTT by
+half again without a matching gain is a queue filling, not progress, and counts as no gain. Every
+change is a :class:`TunerStep` with its reason. Time comes from an injectable clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dwcp.errors import ConfigError, DWCPError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TunerStep:
+    at_s: float            # seconds since the tuner started
+    streams: int           # active streams from now on
+    goodput_bps: float     # what the previous count moved (0 before the first measurement)
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at_s": round(self.at_s, 3), "streams": self.streams, "goodput_bps": round(self.goodput_bps),
+                "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one measurement window saw."""
+    goodput_bps: float
+    srtt_us: float
+    retrans: int
+
+
+class SessionProbe:
+    """Reads what the kernel says of a session's own streams (TCP_INFO): bytes the peer acknowledged,
+    and per active stream the smoothed RTT and retransmits. Acknowledged bytes, not the engine's
+    payload counter: the engine counts whole chunks when their ACK frames arrive (4 MiB steps on a
+    100 Mbit/s link), which makes a short window's goodput read 0 or double."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def bytes_moved(self) -> int:
+        from dwcp.telemetry.tcp_info import tcp_info
+        total = 0
+        for s in self.session.data_sockets():
+            try:
+                total += int(tcp_info(s).get("bytes_acked"))
+            except OSError:
+                continue
+        return total
+
+    def rtt_and_retrans(self) -> tuple[float, int]:
+        from dwcp.telemetry.tcp_info import tcp_info
+        rtts, retrans = [], 0
+        try:
+            paused = self.session._engine.paused()
+        except DWCPError:
+            return 0.0, 0
+        for i, s in enumerate(self.session.data_sockets()):
+            try:
+                info = tcp_info(s)
+            except OSError:
+                continue
+            retrans += int(info.get("total_retrans"))
+            if i < len(paused) and not paused[i]:
+                rtts.append(float(info.get("rtt_us")))
+        return (sum(rtts) / len(rtts) if rtts else 0.0), retrans
+
+
+class StreamTuner:
+    """Adapts ``session``'s active stream count while it sends; see the module doc.
+
+    Use as a context manager (or start()/stop()); it idles while nothing moves, so it can stay
+    attached to a session across transfers and keep what it learned."""
+
+    def __init__(self, session: Any, *, initial: int, min_streams: int = 1, max_streams: int | None = None,
+                 gain: float = 0.10, slack: float = 0.03, rtt_inflation: float = 1.5,
+                 min_window_s: float = 0.25, window_rtts: float = 6.0, settle_rtts: float = 4.0,
+                 min_settle_s: float = 0.1, reprobe_s: float = 10.0, poll_s: float = 0.02,
+                 probe: SessionProbe | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_step: Callable[[TunerStep], None] | None = None) -> None:
+        total = int(session.params.streams)
+        max_streams = total if max_streams is None else min(max_streams, total)
+        if not 1 <= min_streams <= max_streams:
+            raise ConfigError(f"stream tuner: need 1 <= min_streams ({min_streams}) <= max_streams ({max_streams})")
+        self.session = session
+        self.min_streams, self.max_streams = min_streams, max_streams
+        self.gain, self.slack, self.rtt_inflation = gain, slack, rtt_inflation
+        self.min_window_s, self.window_rtts = min_window_s, window_rtts
+        self.settle_rtts, self.min_settle_s = settle_rtts, min_settle_s
+        self.reprobe_s, self.poll_s = reprobe_s, poll_s
+        self.probe = probe or SessionProbe(session)
+        self.clock = clock
+        self.on_step = on_step
+        self.steps: list[TunerStep] = []
+        self._t0 = clock()
+        self._stop = threading.Event()
+        self._reprobe = threading.Event()
+        self._reprobe_reason = ""
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.current = min(max(initial, min_streams), max_streams)
+        self.settled = self.current   # the count the last completed search chose (not a probe's)
+        self._accepted = self.current
+        self._apply(self.current, 0.0, f"initial: {initial} requested, within [{min_streams}, {max_streams}]")
+
+    # ---- life cycle ------------------------------------------------------------------------------------
+    def start(self) -> StreamTuner:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dwcp-stream-tuner", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> StreamTuner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reprobe(self, reason: str = "asked to re-probe") -> None:
+        """Measure again from the current count (the path may have changed)."""
+        self._reprobe_reason = reason
+        self._reprobe.set()
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except DWCPError as e:
+            # The session closed or failed under us: its transfer reports that; we just stop.
+            log.debug("stream tuner stopped: %s", e)
+        except BaseException as e:  # pragma: no cover - a bug; keep it visible to stats()
+            self.error = e
+            log.exception("stream tuner failed")
+
+    def _sleep(self, s: float) -> bool:
+        """Sleep s seconds; False if told to stop."""
+        return not self._stop.wait(max(0.0, s))
+
+    def _wait_for_flow(self) -> bool:
+        last = self.probe.bytes_moved()
+        while not self._stop.is_set():
+            if not self._sleep(self.poll_s):
+                return False
+            now = self.probe.bytes_moved()
+            if now > last:
+                return True
+            last = now
+        return False
+
+    def _rtt_s(self) -> float:
+        srtt_us, _ = self.probe.rtt_and_retrans()
+        return srtt_us / 1e6
+
+    def _measure(self) -> Sample | None:
+        """Settle after a change, then goodput over the window; None if the flow stopped (idle)."""
+        rtt = self._rtt_s()
+        if not self._sleep(max(self.min_settle_s, self.settle_rtts * rtt)):
+            return None
+        window = max(self.min_window_s, self.window_rtts * rtt)
+        b0, t0 = self.probe.bytes_moved(), self.clock()
+        _, r0 = self.probe.rtt_and_retrans()
+        if not self._sleep(window):
+            return None
+        b1, t1 = self.probe.bytes_moved(), self.clock()
+        srtt, r1 = self.probe.rtt_and_retrans()
+        if b1 <= b0:
+            return None
+        return Sample((b1 - b0) * 8 / max(t1 - t0, 1e-6), srtt, r1 - r0)
+
+    def _apply(self, n: int, goodput: float, reason: str) -> None:
+        n = self.session.set_active_streams(n)
+        self.current = n
+        step = TunerStep(self.clock() - self._t0, n, goodput, reason)
+        self.steps.append(step)
+        log.info("streams -> %d: %s", n, reason)
+        if self.on_step is not None:
+            try:
+                self.on_step(step)
+            except Exception:
+                log.exception("stream tuner on_step callback failed")
+
+    def _better(self, new: Sample, old: Sample, more: bool) -> tuple[bool, str]:
+        """Whether the new count beats the old one, and why (in words)."""
+        ratio = new.goodput_bps / max(old.goodput_bps, 1.0)
+        if more:
+            inflated = old.srtt_us > 0 and new.srtt_us > self.rtt_inflation * old.srtt_us
+            if ratio >= 1 + self.gain and not (inflated and ratio < 1 + 2 * self.gain):
+                return True, f"goodput x{ratio:.2f}"
+            why = f"goodput x{ratio:.2f} (< x{1 + self.gain:.2f} needed)"
+            if inflated:
+                why += f", RTT {old.srtt_us / 1e3:.1f} -> {new.srtt_us / 1e3:.1f} ms (queue filling)"
+            if new.retrans > 2 * max(old.retrans, 1):
+                why += f", retransmits {old.retrans} -> {new.retrans}"
+            return False, why
+        if ratio >= 1 - self.slack:
+            return True, f"fewer streams keep x{ratio:.2f} of the goodput"
+        return False, f"fewer streams move only x{ratio:.2f}"
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._wait_for_flow():
+                return
+            base = self._measure()
+            if base is None:
+                continue
+            self._search(base)
+            self._hold()
+
+    def _search(self, base: Sample) -> None:
+        """Climb by doubling while it pays, then descend by halving while it costs nothing."""
+        self._accepted = self.current
+        try:
+            self._search_from(base)
+        finally:
+            if self.current != self._accepted and not self._stop.is_set():
+                self._apply(self._accepted, 0.0, f"flow stopped during a probe: back to {self._accepted}")
+            self.settled = self._accepted
+
+    def _search_from(self, base: Sample) -> None:
+        n, cur = self.current, base
+        climbed = False
+        while n < self.max_streams and not self._stop.is_set():
+            m = min(2 * n, self.max_streams)
+            self._apply(m, cur.goodput_bps, f"probe up: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n})")
+            s = self._measure()
+            if s is None:
+                return
+            ok, why = self._better(s, cur, more=True)
+            if not ok:
+                self._apply(n, s.goodput_bps, f"back to {n}: {m} streams gave {why}")
+                break
+            n, cur, climbed = m, s, True
+            self._accepted = n
+            self.steps[-1] = TunerStep(self.steps[-1].at_s, m, self.steps[-1].goodput_bps,
+                                       self.steps[-1].reason + f"; kept ({why})")
+        if climbed:
+            return
+        # The first doubling did not pay: perhaps fewer streams fill the path just as well.
+        cur = self._measure() or cur   # re-measure n after the failed probe's disturbance
+        while n > self.min_streams and not self._stop.is_set():
+            m = max(n // 2, self.min_streams)
+            self._apply(m, cur.goodput_bps, f"probe down: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n})")
+            s = self._measure()
+            if s is None:
+                return
+            ok, why = self._better(s, cur, more=False)
+            if not ok:
+                self._apply(n, s.goodput_bps, f"back to {n}: {m} streams: {why}")
+                return
+            n, cur = m, s
+            self._accepted = n
+
+    def _hold(self) -> None:
+        """Keep the count; return to search after reprobe_s of flow, a goodput shift, or reprobe()."""
+        ref = self._measure()
+        if ref is None:
+            return
+        since = self.clock()
+        shifted = 0
+        while not self._stop.is_set():
+            if self._reprobe.is_set():
+                self._reprobe.clear()
+                log.info("stream tuner re-probes: %s", self._reprobe_reason)
+                return
+            s = self._measure()
+            if s is None:
+                return
+            # Two windows in a row a third away from the reference: one noisy window (a loopback
+            # scheduling hiccup, a loss burst) is not a changed path.
+            shifted = shifted + 1 if abs(s.goodput_bps - ref.goodput_bps) > ref.goodput_bps / 3 else 0
+            if shifted >= 2:
+                log.info("stream tuner re-probes: goodput moved %s -> %s", _mbit(ref.goodput_bps), _mbit(s.goodput_bps))
+                return
+            if self.clock() - since >= self.reprobe_s:
+                return
+
+    def stats(self) -> dict[str, Any]:
+        return {"streams": self.settled, "active": self.current, "changes": [s.to_json() for s in self.steps],
+                "error": repr(self.error) if self.error else None}
+
+
+def _mbit(bps: float) -> str:
+    return f"{bps / 1e6:,.0f} Mbit/s"
