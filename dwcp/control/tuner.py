@@ -6,14 +6,17 @@ the path and 64 lose 40 %; with 256 KiB windows over 100 ms, 64 streams are need
 notice) from what the session itself moves:
 
 * **climb**: from the initial count (the Manager's plan: the tier's default, or what the peer needed
-  last time) it doubles the active streams while each doubling raises goodput by ``gain`` (10 %);
-* **descend**: when a doubling does not pay, it goes back and then tries halving, keeping fewer streams
-  while they move at least ``1 - slack`` (97 %) as much: a link that few streams fill is never flooded;
+  last time) it doubles the active streams while each doubling raises goodput by ``gain`` (10 %); it
+  quadruples instead while the active streams spend most of their time (``rwnd_limited``, 50 %) waiting
+  for the receiver's window, since each then carries one window per RTT and no more;
+* **descend**: when a doubling does not pay, or a quadrupling may have overshot, it tries halving,
+  keeping fewer streams while they move at least ``1 - slack`` (97 %) as much: a link that few streams
+  fill is never flooded;
 * **hold**: then it keeps the count, re-probing after ``reprobe_s`` of steady flow, when goodput moves
   by a third, or when told to (``reprobe()``: the Manager's tier, degradation and route events).
 
-Each step waits for the change to settle (new streams leave slow start within a few RTTs) and measures
-goodput over max(``min_window_s``, ``window_rtts`` RTTs); a doubling that inflates the smoothed RTT by
+Each step waits max(``min_settle_s``, ``settle_rtts`` (2) RTTs) for the change to settle and measures
+goodput over max(``min_window_s``, ``window_rtts`` (4) RTTs); a doubling that inflates the smoothed RTT by
 half again without a matching gain is a queue filling, not progress, and counts as no gain. Every
 change is a :class:`TunerStep` with its reason. Time comes from an injectable clock.
 """
@@ -50,6 +53,16 @@ class Sample:
     goodput_bps: float
     srtt_us: float
     retrans: int
+    rwnd_limited: float = 0.0   # share of the active streams' busy time spent waiting for the receiver's window
+
+
+@dataclass(frozen=True)
+class StreamsState:
+    """The kernel's counters over the active streams (TCP_INFO), at one moment."""
+    srtt_us: float = 0.0        # mean smoothed RTT
+    retrans: int = 0            # retransmitted segments, all streams, cumulative
+    rwnd_limited_us: int = 0    # cumulative, active streams
+    busy_us: int = 0            # cumulative, active streams
 
 
 class SessionProbe:
@@ -71,13 +84,13 @@ class SessionProbe:
                 continue
         return total
 
-    def rtt_and_retrans(self) -> tuple[float, int]:
+    def streams_state(self) -> StreamsState:
         from dwcp.telemetry.tcp_info import tcp_info
-        rtts, retrans = [], 0
+        rtts, retrans, rwnd_us, busy_us = [], 0, 0, 0
         try:
             paused = self.session._engine.paused()
         except DWCPError:
-            return 0.0, 0
+            return StreamsState()
         for i, s in enumerate(self.session.data_sockets()):
             try:
                 info = tcp_info(s)
@@ -86,7 +99,9 @@ class SessionProbe:
             retrans += int(info.get("total_retrans"))
             if i < len(paused) and not paused[i]:
                 rtts.append(float(info.get("rtt_us")))
-        return (sum(rtts) / len(rtts) if rtts else 0.0), retrans
+                rwnd_us += int(info.get("rwnd_limited_us"))
+                busy_us += int(info.get("busy_time_us"))
+        return StreamsState(sum(rtts) / len(rtts) if rtts else 0.0, retrans, rwnd_us, busy_us)
 
 
 class StreamTuner:
@@ -97,7 +112,8 @@ class StreamTuner:
 
     def __init__(self, session: Any, *, initial: int, min_streams: int = 1, max_streams: int | None = None,
                  gain: float = 0.10, slack: float = 0.03, rtt_inflation: float = 1.5,
-                 min_window_s: float = 0.25, window_rtts: float = 6.0, settle_rtts: float = 4.0,
+                 rwnd_limited: float = 0.5,
+                 min_window_s: float = 0.25, window_rtts: float = 4.0, settle_rtts: float = 2.0,
                  min_settle_s: float = 0.1, reprobe_s: float = 10.0, poll_s: float = 0.02,
                  probe: SessionProbe | None = None, clock: Callable[[], float] = time.monotonic,
                  on_step: Callable[[TunerStep], None] | None = None) -> None:
@@ -108,6 +124,7 @@ class StreamTuner:
         self.session = session
         self.min_streams, self.max_streams = min_streams, max_streams
         self.gain, self.slack, self.rtt_inflation = gain, slack, rtt_inflation
+        self.rwnd_limited = rwnd_limited
         self.min_window_s, self.window_rtts = min_window_s, window_rtts
         self.settle_rtts, self.min_settle_s = settle_rtts, min_settle_s
         self.reprobe_s, self.poll_s = reprobe_s, poll_s
@@ -175,25 +192,24 @@ class StreamTuner:
             last = now
         return False
 
-    def _rtt_s(self) -> float:
-        srtt_us, _ = self.probe.rtt_and_retrans()
-        return srtt_us / 1e6
-
     def _measure(self) -> Sample | None:
         """Settle after a change, then goodput over the window; None if the flow stopped (idle)."""
-        rtt = self._rtt_s()
+        rtt = self.probe.streams_state().srtt_us / 1e6
         if not self._sleep(max(self.min_settle_s, self.settle_rtts * rtt)):
             return None
         window = max(self.min_window_s, self.window_rtts * rtt)
-        b0, t0 = self.probe.bytes_moved(), self.clock()
-        _, r0 = self.probe.rtt_and_retrans()
+        b0, t0, k0 = self.probe.bytes_moved(), self.clock(), self.probe.streams_state()
         if not self._sleep(window):
             return None
-        b1, t1 = self.probe.bytes_moved(), self.clock()
-        srtt, r1 = self.probe.rtt_and_retrans()
+        b1, t1, k1 = self.probe.bytes_moved(), self.clock(), self.probe.streams_state()
         if b1 <= b0:
             return None
-        return Sample((b1 - b0) * 8 / max(t1 - t0, 1e-6), srtt, r1 - r0)
+        busy = k1.busy_us - k0.busy_us
+        # The active set may differ between k0 and k1 only if someone else changed it; a negative
+        # delta then reads as "not window-limited".
+        rwnd = (k1.rwnd_limited_us - k0.rwnd_limited_us) / busy if busy > 0 else 0.0
+        return Sample((b1 - b0) * 8 / max(t1 - t0, 1e-6), k1.srtt_us, k1.retrans - k0.retrans,
+                      min(max(rwnd, 0.0), 1.0))
 
     def _apply(self, n: int, goodput: float, reason: str) -> None:
         n = self.session.set_active_streams(n)
@@ -247,9 +263,17 @@ class StreamTuner:
     def _search_from(self, base: Sample) -> None:
         n, cur = self.current, base
         climbed = False
+        worse_below = 0   # a count known to move less than n (descending stops above it)
+        last_jump = 1
         while n < self.max_streams and not self._stop.is_set():
-            m = min(2 * n, self.max_streams)
-            self._apply(m, cur.goodput_bps, f"probe up: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n})")
+            # Streams that spend most of their time waiting for the receiver's window each carry a
+            # window per RTT, no more: more streams add throughput nearly linearly until the path
+            # fills, so step by 4 instead of 2 (fewer steps on long paths, where each costs RTTs).
+            factor = 4 if cur.rwnd_limited >= self.rwnd_limited else 2
+            m = min(factor * n, self.max_streams)
+            why_step = f", {cur.rwnd_limited:.0%} of the time window-limited" if factor == 4 else ""
+            self._apply(m, cur.goodput_bps,
+                        f"probe up: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n}{why_step})")
             s = self._measure()
             if s is None:
                 return
@@ -257,15 +281,17 @@ class StreamTuner:
             if not ok:
                 self._apply(n, s.goodput_bps, f"back to {n}: {m} streams gave {why}")
                 break
+            worse_below, last_jump = n, m // n
             n, cur, climbed = m, s, True
             self._accepted = n
             self.steps[-1] = TunerStep(self.steps[-1].at_s, m, self.steps[-1].goodput_bps,
                                        self.steps[-1].reason + f"; kept ({why})")
-        if climbed:
+        if climbed and last_jump <= 2:
             return
-        # The first doubling did not pay: perhaps fewer streams fill the path just as well.
-        cur = self._measure() or cur   # re-measure n after the failed probe's disturbance
-        while n > self.min_streams and not self._stop.is_set():
+        # The first doubling did not pay, or the last step jumped by 4 and may have overshot the
+        # count that fills the path: fewer streams may move as much. Halve while they do, never down
+        # to a count already seen moving less.
+        while n > self.min_streams and n // 2 > worse_below and not self._stop.is_set():
             m = max(n // 2, self.min_streams)
             self._apply(m, cur.goodput_bps, f"probe down: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n})")
             s = self._measure()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dwcp.control.tuner import StreamTuner
+from dwcp.control.tuner import StreamsState, StreamTuner
 
 
 class ModelSession:
@@ -26,9 +26,13 @@ class ModelSession:
 class ModelProbe:
     """bytes_moved integrates goodput(active streams) over real time; RTT constant."""
 
-    def __init__(self, session: ModelSession, goodput_bps: Callable[[int], float]) -> None:
+    def __init__(self, session: ModelSession, goodput_bps: Callable[[int], float],
+                 rwnd_share: Callable[[int], float] = lambda n: 0.0) -> None:
         self.session = session
         self.goodput_bps = goodput_bps
+        self.rwnd_share = rwnd_share
+        self.busy_us = 0.0
+        self.rwnd_us = 0.0
         self.lock = threading.Lock()
         self.moved = 0.0
         self.t = time.monotonic()
@@ -37,19 +41,23 @@ class ModelProbe:
     def bytes_moved(self) -> int:
         with self.lock:
             now = time.monotonic()
+            n = self.session.active
             if self.flowing:
-                self.moved += self.goodput_bps(self.session.active) / 8 * (now - self.t)
+                self.moved += self.goodput_bps(n) / 8 * (now - self.t)
+                self.busy_us += (now - self.t) * 1e6 * n
+                self.rwnd_us += (now - self.t) * 1e6 * n * self.rwnd_share(n)
             self.t = now
             return int(self.moved)
 
-    def rtt_and_retrans(self) -> tuple[float, int]:
-        return 1000.0, 0
+    def streams_state(self) -> StreamsState:
+        self.bytes_moved()
+        return StreamsState(1000.0, 0, int(self.rwnd_us), int(self.busy_us))
 
 
 def run(goodput: Callable[[int], float], *, streams: int = 64, initial: int = 4, seconds: float = 1.5,
-        **kw: Any) -> StreamTuner:
+        rwnd_share: Callable[[int], float] = lambda n: 0.0, **kw: Any) -> StreamTuner:
     session = ModelSession(streams)
-    probe = ModelProbe(session, goodput)
+    probe = ModelProbe(session, goodput, rwnd_share)
     tuner = StreamTuner(session, initial=initial, probe=probe, min_window_s=0.03, min_settle_s=0.01,
                         window_rtts=0, settle_rtts=0, poll_s=0.005, **kw)
     with tuner:
@@ -69,6 +77,15 @@ def test_climbs_where_each_stream_is_window_limited() -> None:
     assert t.settled == 32
     reasons = [s.reason for s in t.steps]
     assert any("kept" in r for r in reasons) and reasons[0].startswith("initial")
+
+
+def test_window_limited_streams_climb_by_four_then_trim_the_overshoot() -> None:
+    # the same link, but the kernel says the streams wait for the receiver's window: 4 -> 16 -> 64
+    # (x1.49), then 64 -> 32 keeps all of it, 16 is known to move less: 32
+    t = run(window_limited(21e6, 500e6), rwnd_share=lambda n: 0.9 if n * 21e6 < 500e6 else 0.1)
+    assert [s.streams for s in t.steps][:3] == [4, 16, 64]
+    assert "window-limited" in t.steps[1].reason
+    assert t.settled == 32
 
 
 def test_descends_where_one_stream_fills_the_path() -> None:
