@@ -252,7 +252,7 @@ class _Progress:
 def run_client(addr: str, *, streams: int | str, seconds: float, chunk_bytes: int, buffer_bytes: int,
                interval_s: float, key: bytes | str | None, key_file: str | None, insecure: bool,
                quiet: bool, io_threads: int = 0, sndbuf_bytes: int = 0, encrypt: bool = True,
-               max_streams: int | None = None) -> dict[str, Any]:
+               max_streams: int | None = None, metrics_port: int | None = None) -> dict[str, Any]:
     tty = sys.stdout.isatty() and not quiet
     buffer_bytes = max(chunk_bytes, buffer_bytes // chunk_bytes * chunk_bytes)
     # Incompressible bytes, so nothing below us (or a future compressing path) flatters the figure.
@@ -267,6 +267,10 @@ def run_client(addr: str, *, streams: int | str, seconds: float, chunk_bytes: in
                        f"frames {s.stats()['cipher']}, checksum {s.params.checksum}, backend {s.backend}, zero-copy "
                        f"{'on' if s.stats()['zerocopy'] else 'off'} ({s.zerocopy_reason})")
         monitor, link = _link_monitor(s)
+        control = contextlib.ExitStack()
+        manager = None
+        if metrics_port is not None:
+            manager = _control_plane(control, s, monitor, metrics_port)
         progress = _Progress(s, seconds, interval_s, quiet, tty)
         done = threading.Event()
         r0, cpu0, t0 = s.tcp_retransmits(), _cpu_s(), time.monotonic()
@@ -278,6 +282,7 @@ def run_client(addr: str, *, streams: int | str, seconds: float, chunk_bytes: in
             done.set()
             reporter.join()
             link = _link_result(monitor, s, link)
+            control.close()
         elapsed = time.monotonic() - t0
         cpu = _cpu_s() - cpu0
         retrans = s.tcp_retransmits() - r0
@@ -311,7 +316,29 @@ def run_client(addr: str, *, streams: int | str, seconds: float, chunk_bytes: in
         "cpu": {"client_percent": 100.0 * cpu / elapsed, "server_percent": server_report["cpu_percent"]},
         "server": {"bytes": server_report["bytes"], "seconds": server_report["seconds"]},
         "link": link,
+        # With --metrics-port: the Manager's plan for the server and its decisions.
+        "control": None if manager is None else {"plan": manager.plan(str(s.peer[0])).to_json(),
+                                                 "decisions": [d.to_json() for d in manager.decisions()]},
     }
+
+
+def _control_plane(stack: contextlib.ExitStack, session: Session, monitor: LinkMonitor | None,
+                   port: int) -> Any:
+    """The control plane beside a benchmark: a Manager fed by the session's link monitor (decisions
+    counted in the metrics registry) and /metrics on 127.0.0.1:port with the session's counters."""
+    from dwcp.control import Manager, load_config
+    from dwcp.control.metrics import SessionSource, default_registry, start_metrics_server
+
+    registry = default_registry()
+    manager = Manager(load_config(runtime={"enabled": True}), monitor=monitor, metrics=registry)
+    stack.callback(manager.close)
+    manager.plan(str(session.peer[0]))
+    sessions = SessionSource(registry, name="bench_client")
+    stack.callback(sessions.remove)
+    sessions.track(session)
+    metrics = stack.enter_context(start_metrics_server(port, registry=registry))
+    click.echo(f"metrics at {metrics.url}", err=True)
+    return manager
 
 
 def _link_monitor(session: Session) -> tuple[LinkMonitor | None, dict[str, Any]]:
@@ -382,6 +409,9 @@ def _client_options(f: Any) -> Any:
                      show_default=True, help="Chunk size in bytes.")(f)
     f = click.option("-t", "--time", "seconds", type=click.FloatRange(min=0.1), default=10.0,
                      show_default=True, help="Seconds to send.")(f)
+    f = click.option("--metrics-port", "metrics_port", type=click.IntRange(1, 65535), default=None,
+                     help="Run the control plane beside the benchmark (a Manager fed by the link monitor) "
+                          "and serve Prometheus metrics at http://127.0.0.1:PORT/metrics; see docs/metrics.md.")(f)
     f = click.option("--max-streams", "max_streams", type=click.IntRange(1, 256), default=None,
                      help="With -P auto: streams opened for the tuner to choose from (default 64).")(f)
     f = click.option("-P", "--parallel", "streams", type=StreamCount(), default="1", show_default=True,
@@ -433,7 +463,8 @@ def client_address(host: str, port: int | None) -> tuple[str, int]:
 @_key_options
 def client(host: str, port: int | None, streams: int | str, seconds: float, chunk_bytes: int,
            buffer_bytes: int, interval_s: float, as_json: bool, io_threads: int, sndbuf_bytes: int,
-           key_file: str | None, insecure: bool, no_encrypt: bool, max_streams: int | None) -> None:
+           key_file: str | None, insecure: bool, no_encrypt: bool, max_streams: int | None,
+           metrics_port: int | None) -> None:
     """Send to a `dwcp-bench server` at HOST (HOST:PORT, or HOST with -p PORT)."""
     _warn_plaintext(insecure, no_encrypt)
     try:
@@ -442,7 +473,8 @@ def client(host: str, port: int | None, streams: int | str, seconds: float, chun
         result = run_client(addr, streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=None, key_file=key_file,
                             insecure=insecure, quiet=as_json, io_threads=io_threads,
-                            sndbuf_bytes=sndbuf_bytes, encrypt=not no_encrypt, max_streams=max_streams)
+                            sndbuf_bytes=sndbuf_bytes, encrypt=not no_encrypt, max_streams=max_streams,
+                            metrics_port=metrics_port)
     except DWCPError as e:
         raise click.ClickException(str(e)) from e
     _emit(result, as_json)
@@ -453,7 +485,8 @@ def client(host: str, port: int | None, streams: int | str, seconds: float, chun
 @click.option("--no-encrypt", "no_encrypt", is_flag=True,
               help="Plaintext (checksummed) frames on both ends, to see what sealing costs.")
 def loopback(streams: int | str, seconds: float, chunk_bytes: int, buffer_bytes: int, interval_s: float,
-             as_json: bool, io_threads: int, sndbuf_bytes: int, no_encrypt: bool, max_streams: int | None) -> None:
+             as_json: bool, io_threads: int, sndbuf_bytes: int, no_encrypt: bool, max_streams: int | None,
+             metrics_port: int | None) -> None:
     """Run a server in a child process on 127.0.0.1 and measure against it (random in-process key;
     frames sealed unless --no-encrypt)."""
     key = secrets.token_hex(32)
@@ -473,7 +506,7 @@ def loopback(streams: int | str, seconds: float, chunk_bytes: int, buffer_bytes:
         result = run_client(f"127.0.0.1:{port}", streams=streams, seconds=seconds, chunk_bytes=chunk_bytes,
                             buffer_bytes=buffer_bytes, interval_s=interval_s, key=key, key_file=None,
                             insecure=False, quiet=as_json, io_threads=io_threads, sndbuf_bytes=sndbuf_bytes,
-                            encrypt=not no_encrypt, max_streams=max_streams)
+                            encrypt=not no_encrypt, max_streams=max_streams, metrics_port=metrics_port)
         result["mode"] = "loopback"
     except DWCPError as e:
         raise click.ClickException(str(e)) from e

@@ -588,7 +588,9 @@ class SessionSource:
             st = session.stats()
         except DWCPError:  # closed by its own thread in the middle of the read: the last report
             return last
-        return PeerMetrics(last.peer, streams=int(st["streams_alive"]), sent_bytes=int(st["bytes_sent"]),
+        # Active streams: an auto session keeps paused ones open (docs/control.md).
+        return PeerMetrics(last.peer, streams=int(st.get("streams_active", st["streams_alive"])),
+                           sent_bytes=int(st["bytes_sent"]),
                            received_bytes=int(st["bytes_received"]),
                            retransmits=max(last.retransmits or 0, int(st["tcp_retransmits"])))
 
