@@ -12,6 +12,7 @@ from typing import Any
 
 from dwcp.errors import ConfigError, DWCPError, TransferTimeout, TransportError
 from dwcp.transport.options import CHECKSUMS, DEFAULT_CHUNK_BYTES, SessionOptions, parse_address
+from dwcp.transport.segments import FEATURE_SEGMENTS
 from dwcp.transport.session import Session
 from dwcp.wire import auth
 from dwcp.wire.handshake import Offer, SessionParams, client_handshake, client_join
@@ -80,7 +81,7 @@ def connect(addr: str | tuple[str, int], *, key: bytes | str | None = None,
     try:
         offer = Offer(streams=streams, chunk_bytes=chunk_bytes,
                       checksums=options.protections(insecure=psk is None),
-                      features=frozenset({"tls", FEATURE_TLS_BIND} if tls else set()))
+                      features=frozenset(({"tls", FEATURE_TLS_BIND} if tls else set()) | {FEATURE_SEGMENTS}))
         params = client_handshake(control, key=psk, insecure=insecure, offer=offer,
                                   timeout_s=max(0.001, deadline - time.monotonic()))
         data = _open_streams(target, params, options, deadline)

@@ -25,6 +25,7 @@ from typing import Any
 from dwcp.errors import AuthError, ConfigError, DWCPError, ProtocolError, TransferTimeout
 from dwcp.transport.connect import tune_socket
 from dwcp.transport.options import SessionOptions, parse_address
+from dwcp.transport.segments import FEATURE_SEGMENTS
 from dwcp.transport.session import Session
 from dwcp.wire import auth, messages
 from dwcp.wire.frames import MAGIC, MAX_CONTROL_BYTES, FrameType, encode_frame
@@ -283,11 +284,13 @@ def listen(addr: str | tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | str |
            key_file: str | os.PathLike[str] | None = None, insecure: bool = False,
            max_streams: int = 256, max_chunk_bytes: int = 64 << 20, timeout_s: float = 30.0,
            handshake_timeout_s: float = 10.0, tls: ssl.SSLContext | None = None, backlog: int = 512,
-           **extra: Any) -> Listener:
+           features: frozenset[str] | None = None, **extra: Any) -> Listener:
     """Listen for DWCP sessions on addr ('host:port', ':port' for all addresses, or (host, port)).
 
     The key (bytes/str, key_file, or $DWCP_KEY) must match the clients'; without one, insecure=True
-    must be given explicitly. timeout_s applies to transfers of accepted sessions."""
+    must be given explicitly. timeout_s applies to transfers of accepted sessions. features: the
+    optional features this server offers (default: all this build has, e.g. zstd-segments; an older
+    peer's set is what a smaller one emulates)."""
     # An explicit insecure=True ignores $DWCP_KEY, but an explicit key with it is ambiguous
     # (resolve_key refuses it); no key and not insecure is refused before any socket is opened.
     psk = auth.resolve_key(auth.load_key(key=key, key_file=key_file, env=None if insecure else "DWCP_KEY"),
@@ -307,8 +310,9 @@ def listen(addr: str | tuple[str, int] = ("127.0.0.1", 0), *, key: bytes | str |
     sealing = psk is not None and tls is None
     policy = ServerPolicy(max_streams=max_streams, max_chunk_bytes=max_chunk_bytes,
                           checksums=options.checksums + (options.ciphers if sealing else ()),
-                          features=frozenset(({"tls"} | ({FEATURE_TLS_BIND} if server_binding(tls) else set()))
-                                             if tls else set()),
+                          features=frozenset((({"tls"} | ({FEATURE_TLS_BIND} if server_binding(tls) else set()))
+                                              if tls else set())
+                                             | ({FEATURE_SEGMENTS} if features is None else set(features))),
                           require_cipher=sealing and options.encrypt)
     return Listener(sock, options, key=psk, insecure=insecure, policy=policy,
                     handshake_timeout_s=handshake_timeout_s)

@@ -30,7 +30,9 @@ from dwcp.errors import (ConfigError, DWCPError, PeerClosedError, ProtocolError,
 from dwcp.telemetry.tcp_info import tcp_info
 from dwcp.transport.engine import make_stream_set
 from dwcp.transport.options import SessionOptions, is_loopback
+from dwcp.transport import segments
 from dwcp.transport.recvpool import RecvPool
+from dwcp.transport.segments import FEATURE_SEGMENTS
 from dwcp.wire import messages
 from dwcp.wire.frames import Flag, FrameType
 from dwcp.wire.handshake import SessionParams
@@ -93,6 +95,7 @@ class Session:
         # Helpers that live as long as the session (the control plane's stream tuner): stopped when
         # it closes, their stats() shown in ours. The transport only keeps them; it never decides.
         self._attached: dict[str, Any] = {}
+        self.last_compression: dict[str, Any] | None = None   # what send(compress=...) did, and why
 
     # ---- context manager and lifecycle -------------------------------------------------------
     def __enter__(self) -> Session:
@@ -212,16 +215,132 @@ class Session:
         return self._fail(exc)
 
     # ---- sending ----------------------------------------------------------------------------------
-    def send(self, buffer: Any, *, compressed: bool = False) -> int:
+    def send(self, buffer: Any, *, compressed: bool = False, compress: int | str | None = None) -> int:
         """Send the whole buffer. Returns its length once every byte is acknowledged by the peer, so the
         buffer may be reused or freed at once.
 
         compressed=True marks the transfer as HDE output (dwcp.compression): every DATA frame carries the
         COMPRESSED flag, nothing below compresses it again, and the receiver sees
-        ``peek().compressed`` so it knows to decode it."""
+        ``peek().compressed`` so it knows to decode it.
+
+        compress="auto" (or a zstd level) has the session compress the buffer on the way, as a run of
+        segments whose level follows the measured ratio, link rate and CPU (compression/adaptive.py:
+        off on links faster than compression, and for incompressible data); the receiver's recv()
+        returns the original bytes. Needs a peer that lists the zstd-segments feature; otherwise, or
+        for data already compressed (compressed=True), the buffer goes as it is.
+        ``last_compression`` says what was done and why."""
         mv = byte_view(buffer, what="send() buffer")
+        if compress not in (None, "off") and not compressed and len(mv):
+            from dwcp.compression.level import parse_level
+            lvl = parse_level(compress)
+            if lvl is not None:
+                if FEATURE_SEGMENTS in self.params.features:
+                    return self._send_segments(mv, lvl)
+                self.last_compression = {"level": None, "reason": "the peer does not receive compressed segments "
+                                         f"(no {FEATURE_SEGMENTS} feature): sent as it is", "decisions": []}
         return self._send(mv, messages.XferKind.BUFFER, name="", length=len(mv), deadline=None,
                           frame_flags=int(Flag.COMPRESSED) if compressed else 0)
+
+    def _send_segments(self, mv: memoryview, lvl: int | str) -> int:
+        """The buffer as a run of SEGMENT transfers, each compressed (or stored) by the plan, the next
+        one compressed while the previous is on the wire."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from dwcp import _core
+        from dwcp.compression.adaptive import AdaptiveCompression, SegmentPlan, SegmentResult
+        self._check_open()
+        if not self._lock.acquire(blocking=False):
+            raise TransportError("another transfer is running on this session; a session carries one "
+                                 "transfer at a time (open more sessions for parallel transfers)")
+        try:
+            self._check_open()
+            total = len(mv)
+            cores = max(1, len(os.sched_getaffinity(0)))
+            ctx = _core.HdeContext(1 << 20)
+            loop = AdaptiveCompression(total, cores, rtt_s=self._engine.sndbuf[1] / 1e6)
+            if isinstance(lvl, int):
+                loop.costs = {}
+            elif is_loopback(self.peer[0]):
+                self.last_compression = {"level": None, "decisions": [],
+                                         "reason": "off: a loopback peer is reached faster than any zstd level compresses"}
+                return self._send_locked(mv, messages.XferKind.BUFFER, name="", length=total, deadline=None)
+            else:
+                scratch = bytearray(_core.hde_buffer_bound(4 << 20))
+
+                def sample(level: int, data: bytes) -> tuple[int, float]:
+                    t = time.perf_counter()
+                    n = ctx.encode_buffer(data, None, level, 1, scratch)
+                    return n, time.perf_counter() - t
+                loop.calibrate(mv, sample)
+                if loop.off:
+                    # Incompressible: one ordinary transfer, straight from the caller's buffer.
+                    loop.first()
+                    self.last_compression = {"level": None, "reason": loop.decisions[-1]["reason"],
+                                             "decisions": loop.decisions}
+                    return self._send_locked(mv, messages.XferKind.BUFFER, name="", length=total, deadline=None)
+
+            def plan_at(offset: int) -> SegmentPlan:
+                if isinstance(lvl, int):
+                    return SegmentPlan(lvl, min(total - offset, 64 << 20), f"zstd level {lvl}, as requested")
+                return loop.first() if offset == 0 else loop.next(offset)
+
+            def build(plan: SegmentPlan, offset: int, message_id: int) -> tuple[bytearray, int, float]:
+                raw = mv[offset:offset + plan.raw_bytes]
+                last = offset + plan.raw_bytes == total
+                t = time.perf_counter()
+                if plan.level is None:
+                    out = bytearray(segments.HEADER_BYTES + len(raw))
+                    out[segments.HEADER_BYTES:] = raw
+                    codec, level_used = segments.CODEC_STORED, 0
+                else:
+                    out = bytearray(segments.HEADER_BYTES + _core.hde_buffer_bound(len(raw)))
+                    n = ctx.encode_buffer(raw, None, plan.level, cores, memoryview(out)[segments.HEADER_BYTES:])
+                    del out[segments.HEADER_BYTES + n:]
+                    codec, level_used = segments.CODEC_HDE_BUFFER, plan.level
+                seconds = time.perf_counter() - t
+                out[:segments.HEADER_BYTES] = segments.SegmentHeader(
+                    codec, last, level_used, message_id, total, offset, len(raw)).pack()
+                return out, len(raw), seconds
+
+            message_id = self._peek_tid()
+            offset = 0
+            plan = plan_at(0)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dwcp-compress") as pool:
+                pending = pool.submit(build, plan, 0, message_id)
+                wire_total = 0
+                while True:
+                    body, raw_len, encode_s = pending.result()
+                    this_plan = plan
+                    nxt = offset + raw_len
+                    if nxt < total:
+                        # Decide the next segment now and compress it while this one is on the wire
+                        # (the decision sees the segments measured so far: it lags by one).
+                        plan = plan_at(nxt)
+                        pending = pool.submit(build, plan, nxt, message_id)
+                    t = time.perf_counter()
+                    self._send_locked(memoryview(body), messages.XferKind.SEGMENT, name="", length=len(body),
+                                      deadline=None, message_bytes=total)
+                    send_s = time.perf_counter() - t
+                    wire_total += len(body)
+                    if not isinstance(lvl, int):
+                        loop.observe(SegmentResult(this_plan.level, raw_len, len(body), encode_s, send_s))
+                    offset = nxt
+                    if offset >= total:
+                        break
+            self.last_compression = {
+                "level": lvl if isinstance(lvl, int) else (loop.decisions[-1]["level"] if loop.decisions else None),
+                "ratio": total / max(wire_total, 1), "wire_bytes": wire_total,
+                "reason": loop.decisions[-1]["reason"] if loop.decisions else f"zstd level {lvl}, as requested",
+                "decisions": loop.decisions, "link_bps": loop.link_bps}
+            return total
+        finally:
+            self._lock.release()
+
+    def _peek_tid(self) -> int:
+        """The id the next transfer will get (a message's segments name their first one's)."""
+        parity = 1 if self.role == "client" else 0
+        tid = max(self._tid_counter, self._last_recv_tid) + 1
+        return tid + 1 if tid % 2 != parity else tid
 
     def send_file(self, path: str | os.PathLike[str]) -> int:
         """Send a regular file (memory-mapped, so it is never copied in user space)."""
@@ -249,25 +368,32 @@ class Session:
             raise TransportError("another transfer is running on this session; a session carries one "
                                  "transfer at a time (open more sessions for parallel transfers)")
         try:
-            self._check_open()
-            tid = self._next_tid()
-            wrap = len(mv) if length > len(mv) else 0
-            begin = messages.encode_xfer_begin(messages.XferBegin(
-                transfer_id=tid, length=length, chunk_bytes=self.params.chunk_bytes, kind=kind,
-                wrap_bytes=wrap, frame_flags=frame_flags, name=name, mode=mode))
-            try:
-                sent = self._engine.send(mv, transfer_id=tid, chunk_bytes=self.params.chunk_bytes,
-                                         csum_flags=self.params.csum_flags, length=length,
-                                         frame_flags=frame_flags, timeout_s=self.options.timeout_s,
-                                         zerocopy=self._zerocopy, zc_min_bytes=self.options.zc_min_bytes,
-                                         deadline=deadline, begin=begin)
-            except DWCPError as e:
-                raise self._engine_error(e) from e
-            self._counts["transfers_sent"] += 1
-            self._counts["bytes_sent"] += sent
-            return sent
+            return self._send_locked(mv, kind, name=name, length=length, deadline=deadline, mode=mode,
+                                     frame_flags=frame_flags)
         finally:
             self._lock.release()
+
+    def _send_locked(self, mv: memoryview, kind: messages.XferKind, *, name: str, length: int,
+                     deadline: float | None, mode: int | None = None, frame_flags: int = 0,
+                     message_bytes: int = 0) -> int:
+        """One transfer; the caller holds the transfer lock."""
+        self._check_open()
+        tid = self._next_tid()
+        wrap = message_bytes if kind == messages.XferKind.SEGMENT else (len(mv) if length > len(mv) else 0)
+        begin = messages.encode_xfer_begin(messages.XferBegin(
+            transfer_id=tid, length=length, chunk_bytes=self.params.chunk_bytes, kind=kind,
+            wrap_bytes=wrap, frame_flags=frame_flags, name=name, mode=mode))
+        try:
+            sent = self._engine.send(mv, transfer_id=tid, chunk_bytes=self.params.chunk_bytes,
+                                     csum_flags=self.params.csum_flags, length=length,
+                                     frame_flags=frame_flags, timeout_s=self.options.timeout_s,
+                                     zerocopy=self._zerocopy, zc_min_bytes=self.options.zc_min_bytes,
+                                     deadline=deadline, begin=begin)
+        except DWCPError as e:
+            raise self._engine_error(e) from e
+        self._counts["transfers_sent"] += 1
+        self._counts["bytes_sent"] += sent
+        return sent
 
     # ---- receiving --------------------------------------------------------------------------------
     def _await_begin(self, timeout_s: float | None) -> messages.XferBegin:
@@ -316,8 +442,61 @@ class Session:
         if b.chunk_bytes != self.params.chunk_bytes:
             raise self._fail(ProtocolError(f"transfer announces chunk size {b.chunk_bytes}, the session "
                                            f"negotiated {self.params.chunk_bytes}"))
-        if b.wrap_bytes and b.kind != messages.XferKind.BENCH:
+        if b.wrap_bytes and b.kind not in (messages.XferKind.BENCH, messages.XferKind.SEGMENT):
             raise self._fail(ProtocolError("only benchmark transfers may wrap around their buffer"))
+        if b.kind == messages.XferKind.SEGMENT and FEATURE_SEGMENTS not in self.params.features:
+            raise self._fail(ProtocolError(f"the peer sent a compressed segment without the {FEATURE_SEGMENTS} "
+                                           "feature having been agreed"))
+
+    def _recv_message(self, b: messages.XferBegin, view: memoryview) -> int:
+        """Receive what b announced into view: one transfer, or a compressed message's segments."""
+        if b.kind == messages.XferKind.SEGMENT:
+            return self._recv_segments(b, view)
+        return self._recv_transfer(b, view)
+
+    def _recv_segments(self, first: messages.XferBegin, target: memoryview) -> int:
+        """Every segment of the message first starts, decoded into target[:message length]. Each
+        header is checked against the message and the one before it before its body is decoded."""
+        from dwcp import _core
+        total = first.message_length
+        limit = segments.HEADER_BYTES + _core.hde_buffer_bound(segments.MAX_SEGMENT_BYTES)
+        ctx = _core.HdeContext(1 << 20)
+        scratch = bytearray()
+        asm: segments.Assembler | None = None
+        b = first
+        while True:
+            if b.length > limit or b.length < segments.HEADER_BYTES:
+                raise self._fail(ProtocolError(f"segment transfer of {b.length} bytes: outside "
+                                               f"{segments.HEADER_BYTES}..{limit}"))
+            if len(scratch) < b.length:
+                scratch = bytearray(b.length)
+            body = memoryview(scratch)[:b.length]
+            try:
+                self._recv_transfer(b, body)
+                try:
+                    h = segments.parse_header(body)
+                    if asm is None:
+                        asm = segments.Assembler(h, total, first.transfer_id)
+                    asm.accept(h)
+                    dst = target[h.offset:h.offset + h.raw_len]
+                    payload = body[segments.HEADER_BYTES:]
+                    if h.codec == segments.CODEC_STORED:
+                        dst[:] = payload
+                    else:
+                        ctx.decode_buffer(payload, None, dst)
+                except ProtocolError as e:
+                    raise self._fail(ProtocolError(f"compressed message from the peer: {e}")) from e
+                except DWCPError as e:  # the HDE decoder's verdict on a corrupt body
+                    raise self._fail(ProtocolError(f"compressed message from the peer: segment at {h.offset} does "
+                                                   f"not decode: {e}")) from e
+            finally:
+                body.release()
+            if h.last:
+                return total
+            b = self._await_begin(self.options.timeout_s)
+            self._validate_begin(b)
+            if b.kind != messages.XferKind.SEGMENT or b.message_length != total:
+                raise self._fail(ProtocolError("a compressed message was cut off by another transfer"))
 
     def _recv_transfer(self, b: messages.XferBegin, view: memoryview) -> int:
         self._pending = None
@@ -361,19 +540,20 @@ class Session:
         with self._receiving():
             b = self._await_begin(timeout_s)
             self._validate_begin(b)
-            if b.length > self.options.max_recv_bytes:
+            size = b.message_length
+            if size > self.options.max_recv_bytes:
                 raise self._fail(ProtocolError(
-                    f"peer announced {b.length} bytes, over max_recv_bytes={self.options.max_recv_bytes}; "
+                    f"peer announced {size} bytes, over max_recv_bytes={self.options.max_recv_bytes}; "
                     "raise max_recv_bytes or use recv_into()/recv_file()"))
-            if b.wrap_bytes:
+            if b.wrap_bytes and b.kind == messages.XferKind.BENCH:
                 raise self._fail(ProtocolError("a benchmark transfer needs recv_into() with a buffer"))
-            out = self._pool.take(b.length)
+            out = self._pool.take(size)
             view = memoryview(out)
             try:
-                n = self._recv_transfer(b, view)
+                n = self._recv_message(b, view)
             finally:
                 view.release()
-            if n < b.length:
+            if n < size:
                 del out[n:]
             return out
 
@@ -385,17 +565,18 @@ class Session:
             with self._receiving():
                 b = self._await_begin(timeout_s)
                 self._validate_begin(b)
-                if b.wrap_bytes:
+                bench_wrap = bool(b.wrap_bytes) and b.kind == messages.XferKind.BENCH
+                if bench_wrap:
                     if len(view) == 0 or len(view) % b.chunk_bytes:
                         raise ConfigError(f"a benchmark transfer wraps around the buffer, whose size must "
                                           f"be a non-zero multiple of the chunk size {b.chunk_bytes}")
-                elif b.length > len(view):
-                    raise BufferTooSmall(f"incoming transfer is {b.length} bytes but the buffer holds "
+                elif b.message_length > len(view):
+                    raise BufferTooSmall(f"incoming transfer is {b.message_length} bytes but the buffer holds "
                                          f"{len(view)}; nothing was consumed, call again with a bigger "
-                                         "buffer", b.length)
-                target = view[:b.length] if not b.wrap_bytes else view
+                                         "buffer", b.message_length)
+                target = view[:b.message_length] if not bench_wrap else view
                 try:
-                    return self._recv_transfer(b, target)
+                    return self._recv_message(b, target)
                 finally:
                     target.release()
         finally:
@@ -410,23 +591,24 @@ class Session:
         with self._receiving():
             b = self._await_begin(timeout_s)
             self._validate_begin(b)
-            if b.wrap_bytes:
+            if b.wrap_bytes and b.kind == messages.XferKind.BENCH:
                 raise self._fail(ProtocolError("a benchmark transfer cannot be received into a file"))
+            size = b.message_length
             fd, tmp = tempfile.mkstemp(prefix=".dwcp-", suffix=".partial", dir=directory)
             try:
-                if b.length:
+                if size:
                     try:
                         # Reserve the blocks first: writing through a mapping of a file the disk
                         # cannot hold raises SIGBUS instead of an error.
-                        os.posix_fallocate(fd, 0, b.length)
+                        os.posix_fallocate(fd, 0, size)
                     except OSError as e:
-                        reason = f"receiver cannot store {b.length} bytes in {directory}: {e.strerror}"
+                        reason = f"receiver cannot store {size} bytes in {directory}: {e.strerror}"
                         # Refuse the transfer before any data is read; the sender gets the reason.
                         raise self._fail(TransportError(reason, errno=e.errno)) from e
-                    with mmap.mmap(fd, b.length, prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                    with mmap.mmap(fd, size, prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
                         mv = memoryview(m)
                         try:
-                            n = self._recv_transfer(b, mv)
+                            n = self._recv_message(b, mv)
                         finally:
                             mv.release()
                         m.flush()

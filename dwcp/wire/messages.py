@@ -51,6 +51,7 @@ class XferKind(enum.IntEnum):
     BUFFER = 0
     FILE = 1
     BENCH = 2
+    SEGMENT = 3   # one piece of a compressed message (dwcp/transport/segments.py); wrap_bytes = message length
 
 
 class ErrorCode(enum.IntEnum):
@@ -408,8 +409,14 @@ class XferBegin:
         """The payload is HDE output (dwcp.compression): decode it after receiving."""
         return bool(self.frame_flags & frames.Flag.COMPRESSED)
 
+    @property
+    def message_length(self) -> int:
+        """What recv() will return: the whole message for a SEGMENT (the session reassembles it; its
+        length travels in wrap_bytes), else the transfer's length."""
+        return self.wrap_bytes if self.kind == XferKind.SEGMENT else self.length
 
-_XFER_KINDS = tuple(XferKind)          # indexed by value (0, 1, 2)
+
+_XFER_KINDS = tuple(XferKind)          # indexed by value (0, 1, 2, 3)
 _XFER_KIND_VALUES = frozenset(k.value for k in XferKind)
 assert all(k.value == i for i, k in enumerate(_XFER_KINDS))
 
@@ -421,8 +428,8 @@ def encode_xfer_begin(m: XferBegin) -> bytes:
     if m.kind not in _XFER_KINDS:
         raise ConfigError(f"kind {m.kind!r} is not one of {[k.name for k in XferKind]}")
     _check_range(m.wrap_bytes, 0, (1 << 64) - 1, "wrap_bytes")
-    if m.wrap_bytes and m.kind != XferKind.BENCH:
-        raise ConfigError("wrap_bytes must be 0 unless kind is BENCH")
+    if m.wrap_bytes and m.kind not in (XferKind.BENCH, XferKind.SEGMENT):
+        raise ConfigError("wrap_bytes must be 0 unless kind is BENCH (the wrap) or SEGMENT (the message length)")
     if not isinstance(m.frame_flags, int) or m.frame_flags & ~_XFER_FRAME_FLAGS:
         raise ConfigError(f"frame_flags 0x{m.frame_flags:x}: only COMPRESSED may be set per transfer")
     if not isinstance(m.name, str) or "\x00" in m.name:
@@ -473,8 +480,8 @@ def decode_xfer_begin(payload: bytes | bytearray | memoryview) -> XferBegin:
         raise r.fail(f"name length {name_len} over the limit {MAX_PATH_BYTES}")
     if not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
         raise r.fail(f"chunk_bytes {chunk} outside {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
-    if wrap and kind != XferKind.BENCH:
-        raise r.fail("wrap_bytes is non-zero for a transfer that is not a benchmark")
+    if wrap and kind not in (XferKind.BENCH, XferKind.SEGMENT):
+        raise r.fail("wrap_bytes is non-zero for a transfer that is neither a benchmark nor a segment")
     has_mode = bool(opt & XFER_FLAG_HAS_MODE)
     if has_mode and kind != XferKind.FILE:
         raise r.fail("file mode given for a transfer that is not a file")

@@ -44,7 +44,7 @@ def xfer_begins(draw: st.DrawFn) -> m.XferBegin:
     kind = draw(st.sampled_from(list(m.XferKind)))
     return m.XferBegin(
         transfer_id=draw(u64), length=draw(u64), chunk_bytes=draw(chunk), kind=kind,
-        wrap_bytes=draw(u64) if kind == m.XferKind.BENCH else 0,
+        wrap_bytes=draw(u64) if kind in (m.XferKind.BENCH, m.XferKind.SEGMENT) else 0,
         frame_flags=draw(st.sampled_from([0, int(frames.Flag.COMPRESSED)])),
         name=draw(text),
         mode=draw(st.none() | st.integers(0, 0o7777)) if kind == m.XferKind.FILE else None)
