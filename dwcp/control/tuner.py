@@ -15,7 +15,9 @@ notice) from what the session itself moves:
 * **hold**: then it keeps the count, re-probing after ``reprobe_s`` of steady flow, when goodput moves
   by a third, or when told to (``reprobe()``: the Manager's tier, degradation and route events).
 
-Each step waits max(``min_settle_s``, ``settle_rtts`` (2) RTTs) for the change to settle and measures
+Before the first step the initial count's goodput must stop growing (slow start would make any count
+look worse than the next). Each step waits max(``min_settle_s``, ``settle_rtts`` (2) RTTs) for the
+change to settle and measures
 goodput over max(``min_window_s``, ``window_rtts`` (4) RTTs); a doubling that inflates the smoothed RTT by
 half again without a matching gain is a queue filling, not progress, and counts as no gain. Every
 change is a :class:`TunerStep` with its reason. Time comes from an injectable clock.
@@ -112,7 +114,7 @@ class StreamTuner:
 
     def __init__(self, session: Any, *, initial: int, min_streams: int = 1, max_streams: int | None = None,
                  gain: float = 0.10, slack: float = 0.03, rtt_inflation: float = 1.5,
-                 rwnd_limited: float = 0.5,
+                 rwnd_limited: float = 0.5, ramp_windows: int = 4,
                  min_window_s: float = 0.25, window_rtts: float = 4.0, settle_rtts: float = 2.0,
                  min_settle_s: float = 0.1, reprobe_s: float = 10.0, poll_s: float = 0.02,
                  probe: SessionProbe | None = None, clock: Callable[[], float] = time.monotonic,
@@ -125,6 +127,7 @@ class StreamTuner:
         self.min_streams, self.max_streams = min_streams, max_streams
         self.gain, self.slack, self.rtt_inflation = gain, slack, rtt_inflation
         self.rwnd_limited = rwnd_limited
+        self.ramp_windows = ramp_windows
         self.min_window_s, self.window_rtts = min_window_s, window_rtts
         self.settle_rtts, self.min_settle_s = settle_rtts, min_settle_s
         self.reprobe_s, self.poll_s = reprobe_s, poll_s
@@ -244,11 +247,28 @@ class StreamTuner:
         while not self._stop.is_set():
             if not self._wait_for_flow():
                 return
-            base = self._measure()
+            base = self._ramped()
             if base is None:
                 continue
             self._search(base)
             self._hold()
+
+    def _ramped(self) -> Sample | None:
+        """The current count's goodput once it stops growing (at most ``ramp_windows`` windows):
+        measured in slow start, any count looks worse than the one probed after it, and the tuner
+        would keep streams the path does not need."""
+        base = self._measure()
+        for _ in range(self.ramp_windows):
+            if base is None:
+                return None
+            s = self._measure()
+            if s is None:
+                return None
+            grew = s.goodput_bps > base.goodput_bps * (1 + self.gain)
+            base = s
+            if not grew:
+                break
+        return base
 
     def _search(self, base: Sample) -> None:
         """Climb by doubling while it pays, then descend by halving while it costs nothing."""
