@@ -7,7 +7,7 @@ notice) from what the session itself moves:
 
 * **climb**: from the initial count (the Manager's plan: the tier's default, or what the peer needed
   last time) it doubles the active streams while each doubling raises goodput by ``gain`` (10 %); it
-  quadruples instead while the active streams spend most of their time (``rwnd_limited``, 50 %) waiting
+  quadruples instead while the active streams spend most of their time (``rwnd_limited``, 80 %) waiting
   for the receiver's window, since each then carries one window per RTT and no more;
 * **descend**: when a doubling does not pay, or a quadrupling may have overshot, it tries halving,
   keeping fewer streams while they move at least ``1 - slack`` (97 %) as much: a link that few streams
@@ -16,9 +16,9 @@ notice) from what the session itself moves:
   by a third, or when told to (``reprobe()``: the Manager's tier, degradation and route events).
 
 Before the first step the initial count's goodput must stop growing (slow start would make any count
-look worse than the next). Each step waits max(``min_settle_s``, ``settle_rtts`` (2) RTTs) for the
+look worse than the next). Each step waits max(``min_settle_s``, ``settle_rtts`` (1) RTT) for the
 change to settle and measures
-goodput over max(``min_window_s``, ``window_rtts`` (4) RTTs); a doubling that inflates the smoothed RTT by
+goodput over max(``min_window_s``, ``window_rtts`` (3) RTTs); a doubling that inflates the smoothed RTT by
 half again without a matching gain is a queue filling, not progress, and counts as no gain. Every
 change is a :class:`TunerStep` with its reason. Time comes from an injectable clock.
 """
@@ -56,6 +56,7 @@ class Sample:
     srtt_us: float
     retrans: int
     rwnd_limited: float = 0.0   # share of the active streams' busy time spent waiting for the receiver's window
+    min_rtt_us: float = 0.0     # the smallest min RTT the kernel saw on the active streams
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class StreamsState:
     retrans: int = 0            # retransmitted segments, all streams, cumulative
     rwnd_limited_us: int = 0    # cumulative, active streams
     busy_us: int = 0            # cumulative, active streams
+    min_rtt_us: float = 0.0     # smallest tcpi_min_rtt of the active streams (0: none yet)
 
 
 class SessionProbe:
@@ -88,7 +90,7 @@ class SessionProbe:
 
     def streams_state(self) -> StreamsState:
         from dwcp.telemetry.tcp_info import tcp_info
-        rtts, retrans, rwnd_us, busy_us = [], 0, 0, 0
+        rtts, retrans, rwnd_us, busy_us, min_rtt = [], 0, 0, 0, 0.0
         try:
             paused = self.session._engine.paused()
         except DWCPError:
@@ -103,7 +105,10 @@ class SessionProbe:
                 rtts.append(float(info.get("rtt_us")))
                 rwnd_us += int(info.get("rwnd_limited_us"))
                 busy_us += int(info.get("busy_time_us"))
-        return StreamsState(sum(rtts) / len(rtts) if rtts else 0.0, retrans, rwnd_us, busy_us)
+                m = float(info.get("min_rtt_us"))
+                if 0 < m < 4e9 and (min_rtt == 0 or m < min_rtt):  # ~0U: no sample yet
+                    min_rtt = m
+        return StreamsState(sum(rtts) / len(rtts) if rtts else 0.0, retrans, rwnd_us, busy_us, min_rtt)
 
 
 class StreamTuner:
@@ -114,8 +119,9 @@ class StreamTuner:
 
     def __init__(self, session: Any, *, initial: int, min_streams: int = 1, max_streams: int | None = None,
                  gain: float = 0.10, slack: float = 0.03, rtt_inflation: float = 1.5,
-                 rwnd_limited: float = 0.5, ramp_windows: int = 4,
-                 min_window_s: float = 0.25, window_rtts: float = 4.0, settle_rtts: float = 2.0,
+                 rwnd_limited: float = 0.8, ramp_windows: int = 1, ramp_rtts: float = 3.0,
+                 queue_slack: float = 0.25,
+                 min_window_s: float = 0.2, window_rtts: float = 3.0, settle_rtts: float = 1.0,
                  min_settle_s: float = 0.1, reprobe_s: float = 10.0, poll_s: float = 0.02,
                  probe: SessionProbe | None = None, clock: Callable[[], float] = time.monotonic,
                  on_step: Callable[[TunerStep], None] | None = None) -> None:
@@ -128,6 +134,8 @@ class StreamTuner:
         self.gain, self.slack, self.rtt_inflation = gain, slack, rtt_inflation
         self.rwnd_limited = rwnd_limited
         self.ramp_windows = ramp_windows
+        self.ramp_rtts = ramp_rtts
+        self.queue_slack = queue_slack
         self.min_window_s, self.window_rtts = min_window_s, window_rtts
         self.settle_rtts, self.min_settle_s = settle_rtts, min_settle_s
         self.reprobe_s, self.poll_s = reprobe_s, poll_s
@@ -195,14 +203,21 @@ class StreamTuner:
             last = now
         return False
 
-    def _measure(self) -> Sample | None:
-        """Settle after a change, then goodput over the window; None if the flow stopped (idle)."""
-        rtt = self.probe.streams_state().srtt_us / 1e6
-        if not self._sleep(max(self.min_settle_s, self.settle_rtts * rtt)):
+    def _measure(self, added: bool = False) -> Sample | None:
+        """Settle after a change, then goodput over the window; None if the flow stopped (idle).
+        added: streams were just resumed; they restart from the initial window and need a few RTTs
+        of slow start before they carry their share."""
+        k = self.probe.streams_state()
+        rtt = k.srtt_us / 1e6
+        settle = self.settle_rtts + (self.ramp_rtts if added else 0)
+        # After adding streams, watch the RTT while waiting: once the bottleneck queue fills, the probe
+        # has its answer, and every further RTT of it only adds losses a long path pays for in seconds.
+        watch = added and k.min_rtt_us >= 1000
+        if not self._wait(max(self.min_settle_s, settle * rtt), watch):
             return None
         window = max(self.min_window_s, self.window_rtts * rtt)
         b0, t0, k0 = self.probe.bytes_moved(), self.clock(), self.probe.streams_state()
-        if not self._sleep(window):
+        if not self._wait(window, watch):
             return None
         b1, t1, k1 = self.probe.bytes_moved(), self.clock(), self.probe.streams_state()
         if b1 <= b0:
@@ -212,7 +227,22 @@ class StreamTuner:
         # delta then reads as "not window-limited".
         rwnd = (k1.rwnd_limited_us - k0.rwnd_limited_us) / busy if busy > 0 else 0.0
         return Sample((b1 - b0) * 8 / max(t1 - t0, 1e-6), k1.srtt_us, k1.retrans - k0.retrans,
-                      min(max(rwnd, 0.0), 1.0))
+                      min(max(rwnd, 0.0), 1.0), k1.min_rtt_us)
+
+    def _wait(self, seconds: float, watch: bool) -> bool:
+        """Sleep seconds (False if told to stop); with watch, return early once the RTT shows a queue."""
+        if not watch:
+            return self._sleep(seconds)
+        end = self.clock() + seconds
+        while True:
+            left = end - self.clock()
+            if left <= 0:
+                return True
+            if not self._sleep(min(left, max(self.poll_s, 0.05))):
+                return False
+            k = self.probe.streams_state()
+            if k.min_rtt_us >= 1000 and k.srtt_us > (1 + 2 * self.queue_slack) * k.min_rtt_us:
+                return True
 
     def _apply(self, n: int, goodput: float, reason: str) -> None:
         n = self.session.set_active_streams(n)
@@ -256,11 +286,14 @@ class StreamTuner:
     def _ramped(self) -> Sample | None:
         """The current count's goodput once it stops growing (at most ``ramp_windows`` windows):
         measured in slow start, any count looks worse than the one probed after it, and the tuner
-        would keep streams the path does not need."""
+        would keep streams the path does not need. Streams already waiting on the receiver's window
+        are past slow start: no need to wait."""
         base = self._measure()
         for _ in range(self.ramp_windows):
             if base is None:
                 return None
+            if base.rwnd_limited >= self.rwnd_limited:
+                break
             s = self._measure()
             if s is None:
                 return None
@@ -284,17 +317,25 @@ class StreamTuner:
         n, cur = self.current, base
         climbed = False
         worse_below = 0   # a count known to move less than n (descending stops above it)
-        last_jump = 1
+        last_jump, last_gain = 1, 1.0
         while n < self.max_streams and not self._stop.is_set():
+            if self._queue_building(cur):
+                self._note(n, cur, f"holding {n}: RTT {cur.srtt_us / 1e3:.1f} ms is x{cur.srtt_us / cur.min_rtt_us:.2f} "
+                                   f"its minimum {cur.min_rtt_us / 1e3:.1f} ms, the path is full (a queue is building)")
+                break
             # Streams that spend most of their time waiting for the receiver's window each carry a
             # window per RTT, no more: more streams add throughput nearly linearly until the path
             # fills, so step by 4 instead of 2 (fewer steps on long paths, where each costs RTTs).
-            factor = 4 if cur.rwnd_limited >= self.rwnd_limited else 2
+            # Only when the path shows no queue: near its capacity a jump by 4 resumes a burst of
+            # streams in slow start that overflows the bottleneck queue, and on a long path the
+            # losses (RTO backoff, halved windows) cost seconds after the tuner backs off.
+            no_queue = cur.min_rtt_us <= 0 or cur.srtt_us <= 1.1 * cur.min_rtt_us
+            factor = 4 if cur.rwnd_limited >= self.rwnd_limited and no_queue else 2
             m = min(factor * n, self.max_streams)
             why_step = f", {cur.rwnd_limited:.0%} of the time window-limited" if factor == 4 else ""
             self._apply(m, cur.goodput_bps,
                         f"probe up: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n}{why_step})")
-            s = self._measure()
+            s = self._measure(added=True)
             if s is None:
                 return
             ok, why = self._better(s, cur, more=True)
@@ -302,11 +343,14 @@ class StreamTuner:
                 self._apply(n, s.goodput_bps, f"back to {n}: {m} streams gave {why}")
                 break
             worse_below, last_jump = n, m // n
+            last_gain = s.goodput_bps / max(cur.goodput_bps, 1.0)
             n, cur, climbed = m, s, True
             self._accepted = n
             self.steps[-1] = TunerStep(self.steps[-1].at_s, m, self.steps[-1].goodput_bps,
                                        self.steps[-1].reason + f"; kept ({why})")
-        if climbed and last_jump <= 2:
+        # A jump by 4 that gained x2.5 or more scaled nearly linearly: half the count would have moved
+        # at most x2 of the old one, less than the new count gives, so there is nothing to trim.
+        if climbed and (last_jump <= 2 or last_gain >= 2.5):
             return
         # The first doubling did not pay, or the last step jumped by 4 and may have overshot the
         # count that fills the path: fewer streams may move as much. Halve while they do, never down
@@ -323,6 +367,17 @@ class StreamTuner:
                 return
             n, cur = m, s
             self._accepted = n
+
+    def _queue_building(self, cur: Sample) -> bool:
+        """The smoothed RTT stands well above the path's minimum: the bottleneck queue is filling, so
+        more streams would only add loss and delay. Ignored on sub-millisecond paths, where
+        scheduling jitter alone doubles an RTT."""
+        return (cur.min_rtt_us >= 1000 and cur.srtt_us > (1 + self.queue_slack) * cur.min_rtt_us)
+
+    def _note(self, n: int, cur: Sample, reason: str) -> None:
+        step = TunerStep(self.clock() - self._t0, n, cur.goodput_bps, reason)
+        self.steps.append(step)
+        log.info("streams stay %d: %s", n, reason)
 
     def _hold(self) -> None:
         """Keep the count; return to search after reprobe_s of flow, a goodput shift, or reprobe()."""
