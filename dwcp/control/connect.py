@@ -52,6 +52,9 @@ def connect(addr: str | tuple[str, int], *, streams: int | str = 4, manager: Man
             ceiling = min(ceiling, t.max_streams)
     if not 1 <= ceiling <= 256:
         raise ConfigError(f"auto_max_streams must be 1..256, got {ceiling}")
+    if manager is not None and not manager.config.features.adaptive_streams:
+        # The operator turned the tuner off (features.adaptive_streams: false): the plan's count, fixed.
+        return transport_connect(addr, streams=initial, **kwargs)
     session = transport_connect(addr, streams=max(ceiling, min_streams), **kwargs)
     try:
         tuner = StreamTuner(session, initial=initial, min_streams=min(min_streams, session.params.streams),
