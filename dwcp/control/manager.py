@@ -134,7 +134,8 @@ class Manager:
         self._closed = False
         self._unsubscribe: list[Callable[[], None]] = [config.subscribe(self._on_config_change)]
         self.monitor = monitor
-        if monitor is not None:
+        if monitor is not None and config.features.telemetry:
+            # features.telemetry: false keeps the plan to configuration alone (no tier, no degradation).
             self._unsubscribe.append(monitor.subscribe(self.on_estimate))
         self._watcher: NetlinkWatcher | None = None
         if netlink:

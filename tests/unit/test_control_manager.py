@@ -157,3 +157,18 @@ def test_closed_manager_ignores_late_estimates():
     assert events == []
     with pytest.raises(Exception):
         mgr.config.set("transport.min_streams", 0)
+
+
+def test_telemetry_flag_off_ignores_the_monitor() -> None:
+    class Monitor:
+        subscribed = False
+
+        def subscribe(self, cb):  # type: ignore[no-untyped-def]
+            Monitor.subscribed = True
+            return lambda: None
+    cfg = load_config(env={}, runtime={"enabled": True, "features.telemetry": False}, use_system_file=False)
+    Manager(cfg, monitor=Monitor(), metrics=MetricsRegistry(), features=frozenset(), rdma_reason="")  # type: ignore[arg-type]
+    assert not Monitor.subscribed
+    cfg.set("features.telemetry", True)
+    Manager(cfg, monitor=Monitor(), metrics=MetricsRegistry(), features=frozenset(), rdma_reason="")  # type: ignore[arg-type]
+    assert Monitor.subscribed
