@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from dwcp._listeners import Listeners
 from dwcp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -845,7 +846,7 @@ class Config:
         self._origin = origin
         self._snap = snap
         self._lock = threading.RLock()
-        self._listeners: list[Listener] = []
+        self._listeners: Listeners[ConfigChange] = Listeners("config", log)
         self._validators: list[Validator] = []
         self._read_only = read_only
 
@@ -960,14 +961,7 @@ class Config:
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(change)`` for every change of an effective value; returns the unsubscribe
         function. A listener that raises is logged and the others still run."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-        return unsubscribe
+        return self._listeners.subscribe(listener)
 
     def add_validator(self, hook: Validator) -> None:
         """``hook(candidate)`` runs before every change (set, update, reload) on the config as it
@@ -988,12 +982,7 @@ class Config:
                    for key in sorted(KEYS) if old.values[key] != candidate.values[key]]
         for change in changes:
             log.debug("config %s: %s -> %s (%s)", change.key, _show(change.old), _show(change.new), change.source)
-            for listener in list(self._listeners):
-                try:
-                    listener(change)
-                except Exception:
-                    log.exception("config listener %r failed on the change of %s; the other listeners "
-                                  "still ran", listener, change.key)
+            self._listeners.notify(change)
         return changes
 
     def _spec(self, key: str) -> KeySpec:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dwcp._listeners import Listeners
 from dwcp.control.decision import Decision
 from dwcp.control.plan import LinkView, PeerPlan, PlanInputs, make_plan
 from dwcp.errors import ConfigError
@@ -129,7 +130,7 @@ class Manager:
         self._peers: dict[str, _PeerState] = {}
         self._history: deque[Decision] = deque(maxlen=history)
         self._events: deque[ManagerEvent] = deque(maxlen=history)
-        self._listeners: list[Callable[[ManagerEvent], None]] = []
+        self._listeners: Listeners[ManagerEvent] = Listeners("Manager", log)
         self._killed: str | None = None
         self._closed = False
         self._unsubscribe: list[Callable[[], None]] = [config.subscribe(self._on_config_change)]
@@ -167,27 +168,15 @@ class Manager:
     def subscribe(self, listener: Callable[[ManagerEvent], None]) -> Callable[[], None]:
         """listener(ManagerEvent) for every event and every changed decision, called in the thread that
         caused it (monitor, netlink, or the one that changed the config); returns unsubscribe."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-        return unsubscribe
+        return self._listeners.subscribe(listener)
 
     def _publish(self, events: list[ManagerEvent]) -> None:
         with self._lock:
-            listeners = list(self._listeners)
             self._events.extend(events)
         for e in events:
             if e.kind != "decision":
                 log.info("%s%s: %s", e.kind, f" ({e.peer})" if e.peer else "", e.detail)
-            for listener in listeners:
-                try:
-                    listener(e)
-                except Exception:
-                    log.exception("Manager listener failed on %s event", e.kind)
+            self._listeners.notify(e)
 
     # ---- queries ---------------------------------------------------------------------------------------
     @property

@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from dwcp._listeners import Listeners
 from dwcp.errors import ConfigError, DWCPError
 from dwcp.telemetry.sample import FlowSample
 from dwcp.telemetry.sources import FlowSource
@@ -166,7 +167,7 @@ class LinkMonitor:
         self._flows: dict[int, _Flow] = {}
         self._peers: dict[str, _Peer] = {}
         self._registered: dict[int, str] = {}
-        self._subscribers: list[Callable[[PeerEstimate], None]] = []
+        self._subscribers: Listeners[PeerEstimate] = Listeners("link monitor", log)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
@@ -228,14 +229,7 @@ class LinkMonitor:
     def subscribe(self, callback: Callable[[PeerEstimate], None]) -> Callable[[], None]:
         """Call ``callback(estimate)`` after every poll for each peer with samples; returns an
         unsubscribe function. Callbacks run in the polling thread: keep them short."""
-        with self._lock:
-            self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
-        return unsubscribe
+        return self._subscribers.subscribe(callback)
 
     def register_flow(self, cookie: int, peer: str) -> None:
         """Count the flow with this socket cookie under ``peer``."""
@@ -315,13 +309,8 @@ class LinkMonitor:
             for cookie in [c for c, f in self._flows.items() if c not in seen and now - f.last_poll_s > self.idle_s]:
                 del self._flows[cookie]
             out = {peer: self._update_peer(peer, pairs, now) for peer, pairs in per_peer.items()}
-            subscribers = list(self._subscribers)
         for est in out.values():
-            for cb in subscribers:
-                try:
-                    cb(est)
-                except Exception as e:  # one bad subscriber must not stop the monitor
-                    log.warning("link monitor subscriber %r failed: %s", cb, e)
+            self._subscribers.notify(est)
         return out
 
     def _update_peer(self, peer: str, pairs: list[tuple[FlowSample, FlowSample | None]],
