@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 #: Streams an auto session opens when neither the caller nor the configuration says otherwise: enough
 #: for every link of bench/wan's grid (100 ms with 256 KiB windows needs ~50 for 500 Mbit/s).
 AUTO_MAX_STREAMS = 64
+AUTO_INITIAL_UNKNOWN = 1
 
 
 def connect(addr: str | tuple[str, int], *, streams: int | str = 4, manager: Manager | None = None,
@@ -35,17 +36,21 @@ def connect(addr: str | tuple[str, int], *, streams: int | str = 4, manager: Man
         if isinstance(streams, str):
             raise ConfigError(f"streams must be 1..256 or 'auto', got {streams!r}")
         return transport_connect(addr, streams=streams, **kwargs)
-    from dwcp.control.plan import INITIAL_STREAMS_BY_TIER
     from dwcp.control.tuner import StreamTuner
 
-    min_streams, ceiling, initial = 1, auto_max_streams or AUTO_MAX_STREAMS, INITIAL_STREAMS_BY_TIER[None]
+    # Nothing known about the path: one stream. It fills every uncapped path of bench/wan's grid, and
+    # where windows cap each stream the tuner climbs by 4 while they wait on the window; starting
+    # higher only buys streams that must later be retired, which on a long path costs seconds of
+    # the remaining streams' window growth.
+    min_streams, ceiling, initial = 1, auto_max_streams or AUTO_MAX_STREAMS, AUTO_INITIAL_UNKNOWN
     peer = ""
     if manager is not None:
         from dwcp.control.manager import peer_key
         from dwcp.transport.options import parse_address
         peer = peer_key(parse_address(addr)[0])
         plan = manager.plan(peer)
-        initial = plan.streams
+        if plan.tier is not None or isinstance(manager.config.transport.initial_streams, int):
+            initial = plan.streams
         t = manager.config.transport
         min_streams = t.min_streams
         if auto_max_streams is None:

@@ -26,6 +26,7 @@ change is a :class:`TunerStep` with its reason. Time comes from an injectable cl
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,9 @@ from typing import Any
 from dwcp.errors import ConfigError, DWCPError
 
 log = logging.getLogger(__name__)
+
+#: What a resumed stream starts from: Linux's initial congestion window, 10 segments of ~1460 bytes.
+INITIAL_WINDOW_BYTES = 14600
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,9 @@ class StreamTuner:
     attached to a session across transfers and keep what it learned."""
 
     def __init__(self, session: Any, *, initial: int, min_streams: int = 1, max_streams: int | None = None,
-                 gain: float = 0.10, slack: float = 0.03, rtt_inflation: float = 1.5,
-                 rwnd_limited: float = 0.8, ramp_windows: int = 1, ramp_rtts: float = 3.0,
-                 queue_slack: float = 0.25,
+                 gain: float = 0.10, slack: float = 0.05, rtt_inflation: float = 1.5,
+                 rwnd_limited: float = 0.8, ramp_windows: int = 1, max_ramp_rtts: float = 6.0,
+                 queue_slack: float = 0.10, abort_slack: float = 0.5,
                  min_window_s: float = 0.2, window_rtts: float = 3.0, settle_rtts: float = 1.0,
                  min_settle_s: float = 0.1, reprobe_s: float = 10.0, poll_s: float = 0.02,
                  probe: SessionProbe | None = None, clock: Callable[[], float] = time.monotonic,
@@ -134,8 +138,8 @@ class StreamTuner:
         self.gain, self.slack, self.rtt_inflation = gain, slack, rtt_inflation
         self.rwnd_limited = rwnd_limited
         self.ramp_windows = ramp_windows
-        self.ramp_rtts = ramp_rtts
-        self.queue_slack = queue_slack
+        self.max_ramp_rtts = max_ramp_rtts
+        self.queue_slack, self.abort_slack = queue_slack, abort_slack
         self.min_window_s, self.window_rtts = min_window_s, window_rtts
         self.settle_rtts, self.min_settle_s = settle_rtts, min_settle_s
         self.reprobe_s, self.poll_s = reprobe_s, poll_s
@@ -203,16 +207,21 @@ class StreamTuner:
             last = now
         return False
 
-    def _measure(self, added: bool = False) -> Sample | None:
+    def _measure(self, added: int = 0, share_bps: float = 0.0) -> Sample | None:
         """Settle after a change, then goodput over the window; None if the flow stopped (idle).
-        added: streams were just resumed; they restart from the initial window and need a few RTTs
-        of slow start before they carry their share."""
+        added: streams were just resumed, and each restarts from the initial window (10 segments):
+        slow start doubles it every RTT, so one needs log2(its share of a window / 10 segments) RTTs
+        to carry its share (share_bps: the per-stream rate before the change)."""
         k = self.probe.streams_state()
         rtt = k.srtt_us / 1e6
-        settle = self.settle_rtts + (self.ramp_rtts if added else 0)
+        ramp = 0.0
+        if added:
+            window_bytes = share_bps / 8 * rtt
+            ramp = min(self.max_ramp_rtts, max(1.0, math.ceil(math.log2(max(window_bytes, 1.0) / INITIAL_WINDOW_BYTES))))
+        settle = self.settle_rtts + ramp
         # After adding streams, watch the RTT while waiting: once the bottleneck queue fills, the probe
         # has its answer, and every further RTT of it only adds losses a long path pays for in seconds.
-        watch = added and k.min_rtt_us >= 1000
+        watch = added > 0 and k.min_rtt_us >= 1000
         if not self._wait(max(self.min_settle_s, settle * rtt), watch):
             return None
         window = max(self.min_window_s, self.window_rtts * rtt)
@@ -241,7 +250,7 @@ class StreamTuner:
             if not self._sleep(min(left, max(self.poll_s, 0.05))):
                 return False
             k = self.probe.streams_state()
-            if k.min_rtt_us >= 1000 and k.srtt_us > (1 + 2 * self.queue_slack) * k.min_rtt_us:
+            if k.min_rtt_us >= 1000 and k.srtt_us > (1 + self.abort_slack) * k.min_rtt_us:
                 return True
 
     def _apply(self, n: int, goodput: float, reason: str) -> None:
@@ -335,7 +344,7 @@ class StreamTuner:
             why_step = f", {cur.rwnd_limited:.0%} of the time window-limited" if factor == 4 else ""
             self._apply(m, cur.goodput_bps,
                         f"probe up: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n}{why_step})")
-            s = self._measure(added=True)
+            s = self._measure(added=m - n, share_bps=cur.goodput_bps / max(n, 1))
             if s is None:
                 return
             ok, why = self._better(s, cur, more=True)
