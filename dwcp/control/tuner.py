@@ -5,22 +5,25 @@ the path and 64 lose 40 %; with 256 KiB windows over 100 ms, 64 streams are need
 ``Session.set_active_streams`` (a sender-side knob: paused streams stand by, the receiver needs no
 notice) from what the session itself moves:
 
-* **climb**: from the initial count (the Manager's plan: the tier's default, or what the peer needed
-  last time) it doubles the active streams while each doubling raises goodput by ``gain`` (10 %); it
-  quadruples instead while the active streams spend most of their time (``rwnd_limited``, 80 %) waiting
-  for the receiver's window, since each then carries one window per RTT and no more;
+* **climb**: from the initial count (the Manager's plan when it knows the tier, else one stream) it
+  doubles the active streams while each doubling raises goodput by ``gain`` (10 %); it quadruples
+  instead while the active streams spend most of their time (``rwnd_limited``, 80 %) waiting for the
+  receiver's window and the RTT shows no queue, since each then carries one window per RTT and no more;
+  it stops once the smoothed RTT stands ``queue_slack`` (10 %) over the path's minimum (a queue is
+  building: more streams only add loss), and cuts a probe short past ``abort_slack`` (50 %);
 * **descend**: when a doubling does not pay, or a quadrupling may have overshot, it tries halving,
-  keeping fewer streams while they move at least ``1 - slack`` (97 %) as much: a link that few streams
+  keeping fewer streams while they move at least ``1 - slack`` (95 %) as much: a link that few streams
   fill is never flooded;
 * **hold**: then it keeps the count, re-probing after ``reprobe_s`` of steady flow, when goodput moves
-  by a third, or when told to (``reprobe()``: the Manager's tier, degradation and route events).
+  by a third two windows running, or when told to (``reprobe()``: the Manager's re-probe events).
 
 Before the first step the initial count's goodput must stop growing (slow start would make any count
 look worse than the next). Each step waits max(``min_settle_s``, ``settle_rtts`` (1) RTT) for the
-change to settle and measures
-goodput over max(``min_window_s``, ``window_rtts`` (3) RTTs); a doubling that inflates the smoothed RTT by
-half again without a matching gain is a queue filling, not progress, and counts as no gain. Every
-change is a :class:`TunerStep` with its reason. Time comes from an injectable clock.
+change to settle, plus, after adding streams, the RTTs of slow start they need to reach their share
+(log2 of it over the 10-segment initial window, at most ``max_ramp_rtts``), and measures goodput (the
+kernel's acknowledged bytes) over max(``min_window_s``, ``window_rtts`` (3) RTTs). A doubling that
+inflates the smoothed RTT by half again without a matching gain is a queue filling, not progress.
+Every change is a :class:`TunerStep` with its reason. Time comes from an injectable clock.
 """
 
 from __future__ import annotations
