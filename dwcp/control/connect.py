@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 #: Streams an auto session opens when neither the caller nor the configuration says otherwise: enough
 #: for every link of bench/wan's grid (100 ms with 256 KiB windows needs ~50 for 500 Mbit/s).
 AUTO_MAX_STREAMS = 64
-AUTO_INITIAL_UNKNOWN = 1
 
 
 def connect(addr: str | tuple[str, int], *, streams: int | str = 4, manager: Manager | None = None,
@@ -38,11 +37,7 @@ def connect(addr: str | tuple[str, int], *, streams: int | str = 4, manager: Man
         return transport_connect(addr, streams=streams, **kwargs)
     from dwcp.control.tuner import StreamTuner
 
-    # Nothing known about the path: one stream. It fills every uncapped path of bench/wan's grid, and
-    # where windows cap each stream the tuner climbs by 4 while they wait on the window; starting
-    # higher only buys streams that must later be retired, which on a long path costs seconds of
-    # the remaining streams' window growth.
-    min_streams, ceiling, initial = 1, auto_max_streams or AUTO_MAX_STREAMS, AUTO_INITIAL_UNKNOWN
+    min_streams, ceiling, initial = 1, auto_max_streams or AUTO_MAX_STREAMS, 0
     peer = ""
     if manager is not None:
         from dwcp.control.manager import peer_key
@@ -62,8 +57,11 @@ def connect(addr: str | tuple[str, int], *, streams: int | str = 4, manager: Man
         return transport_connect(addr, streams=initial, **kwargs)
     session = transport_connect(addr, streams=max(ceiling, min_streams), **kwargs)
     try:
+        why = f"{initial} from the Manager's plan"
+        if not initial:
+            initial, why = initial_from_rtt(session)
         tuner = StreamTuner(session, initial=initial, min_streams=min(min_streams, session.params.streams),
-                            max_streams=session.params.streams)
+                            max_streams=session.params.streams, initial_reason=why)
         session.attach("stream_tuner", tuner)
         if manager is not None:
             unsubscribe = manager.subscribe(
@@ -74,6 +72,26 @@ def connect(addr: str | tuple[str, int], *, streams: int | str = 4, manager: Man
         session.close()
         raise
     return session
+
+
+#: Initial active streams of an auto session whose tier nobody knows yet, by the handshake's RTT. One
+#: stream fills a short uncapped path (bench/wan: -P 1 at 97-100 % at 10 and 50 ms) and the tuner
+#: climbs by 4 where windows cap each stream. On long paths a single flow spends seconds in slow start
+#: and halves its window per loss, and retiring streams costs seconds while the others grow into the
+#: freed share, so those start with the counts that filled every uncapped long link of the grid.
+AUTO_INITIAL_BY_RTT_US: tuple[tuple[float, int], ...] = ((20_000, 1), (80_000, 4), (float("inf"), 8))
+
+
+def initial_from_rtt(session: Session) -> tuple[int, str]:
+    from dwcp.telemetry.tcp_info import tcp_info
+    try:
+        rtt_us = float(tcp_info(session.control_socket()).get("min_rtt_us"))
+    except OSError:
+        rtt_us = 0.0
+    if not 0 < rtt_us < 4e9:   # ~0U: the kernel has no sample
+        return 1, "no RTT measured yet: one stream"
+    n = next(k for limit, k in AUTO_INITIAL_BY_RTT_US if rtt_us < limit)
+    return n, f"{n} for a {rtt_us / 1e3:.1f} ms path (handshake RTT)"
 
 
 class _Unsubscriber:

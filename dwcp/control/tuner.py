@@ -127,11 +127,11 @@ class StreamTuner:
     def __init__(self, session: Any, *, initial: int, min_streams: int = 1, max_streams: int | None = None,
                  gain: float = 0.10, slack: float = 0.05, rtt_inflation: float = 1.5,
                  rwnd_limited: float = 0.8, ramp_windows: int = 1, max_ramp_rtts: float = 6.0,
-                 queue_slack: float = 0.10, abort_slack: float = 0.5,
+                 queue_slack: float = 0.10, abort_slack: float = 0.5, long_path_us: float = 20_000,
                  min_window_s: float = 0.2, window_rtts: float = 3.0, settle_rtts: float = 1.0,
                  min_settle_s: float = 0.1, reprobe_s: float = 10.0, poll_s: float = 0.02,
                  probe: SessionProbe | None = None, clock: Callable[[], float] = time.monotonic,
-                 on_step: Callable[[TunerStep], None] | None = None) -> None:
+                 on_step: Callable[[TunerStep], None] | None = None, initial_reason: str = "") -> None:
         total = int(session.params.streams)
         max_streams = total if max_streams is None else min(max_streams, total)
         if not 1 <= min_streams <= max_streams:
@@ -143,6 +143,7 @@ class StreamTuner:
         self.ramp_windows = ramp_windows
         self.max_ramp_rtts = max_ramp_rtts
         self.queue_slack, self.abort_slack = queue_slack, abort_slack
+        self.long_path_us = long_path_us
         self.min_window_s, self.window_rtts = min_window_s, window_rtts
         self.settle_rtts, self.min_settle_s = settle_rtts, min_settle_s
         self.reprobe_s, self.poll_s = reprobe_s, poll_s
@@ -159,7 +160,8 @@ class StreamTuner:
         self.current = min(max(initial, min_streams), max_streams)
         self.settled = self.current   # the count the last completed search chose (not a probe's)
         self._accepted = self.current
-        self._apply(self.current, 0.0, f"initial: {initial} requested, within [{min_streams}, {max_streams}]")
+        self._apply(self.current, 0.0, f"initial: {initial_reason or f'{initial} requested'}, within "
+                                       f"[{min_streams}, {max_streams}]")
 
     # ---- life cycle ------------------------------------------------------------------------------------
     def start(self) -> StreamTuner:
@@ -366,7 +368,13 @@ class StreamTuner:
             return
         # The first doubling did not pay, or the last step jumped by 4 and may have overshot the
         # count that fills the path: fewer streams may move as much. Halve while they do, never down
-        # to a count already seen moving less.
+        # to a count already seen moving less. Not on long paths after a failed doubling: there the
+        # streams left take seconds to grow into a retired one's share (bench/wan, 100-200 ms), which
+        # costs more than the streams cost.
+        if not climbed and cur.min_rtt_us >= self.long_path_us:
+            self._note(n, cur, f"keeping {n}: on a {cur.min_rtt_us / 1e3:.0f} ms path the remaining streams "
+                               "would need seconds to take over a retired one's share")
+            return
         while n > self.min_streams and n // 2 > worse_below and not self._stop.is_set():
             m = max(n // 2, self.min_streams)
             self._apply(m, cur.goodput_bps, f"probe down: {n} -> {m} streams ({_mbit(cur.goodput_bps)} with {n})")

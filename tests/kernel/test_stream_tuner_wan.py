@@ -1,5 +1,5 @@
-"""-P auto over an emulated WAN whose receive windows are capped (256 KiB over 100 ms: ~20 Mbit/s per
-stream on a 100 Mbit/s link): the stream tuner must add streams while data flows and say why, and the
+"""-P auto over an emulated WAN whose receive windows are capped (32 KiB over 30 ms: ~5 Mbit/s per stream
+on a 100 Mbit/s link): the stream tuner must add streams while data flows and say why, and the
 transfer's bytes all arrive (the server's count matches the client's)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.kernel
 
 
 def test_auto_adds_streams_where_windows_cap_each_one(wan_link: Any) -> None:
-    lab = wan_link(rtt_ms=100, rate_mbit=100)
-    lab.b.set_sysctls({"net.ipv4.tcp_rmem": f"4096 131072 {256 * 1024}"})
+    lab = wan_link(rtt_ms=30, rate_mbit=100)
+    lab.b.set_sysctls({"net.ipv4.tcp_rmem": f"4096 16384 {32 * 1024}"})
     env = {**os.environ, "DWCP_KEY": TEST_KEY.decode(), "PYTHONPATH": os.getcwd()}
     server = lab.b.popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", f"{lab.b.addr}:0", "--once"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -29,7 +29,7 @@ def test_auto_adds_streams_where_windows_cap_each_one(wan_link: Any) -> None:
         assert line.startswith("listening on "), line
         port = line.rsplit(":", 1)[1].strip()
         r = lab.a.run([sys.executable, "-m", "dwcp.cli.bench", "client", f"{lab.b.addr}:{port}", "-P", "auto",
-                       "--max-streams", "32", "-t", "8", "--json"], capture_output=True, text=True, timeout=120,
+                       "--max-streams", "32", "-t", "6", "--json"], capture_output=True, text=True, timeout=120,
                       env=env)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
@@ -38,7 +38,7 @@ def test_auto_adds_streams_where_windows_cap_each_one(wan_link: Any) -> None:
         server.wait()
     tuner = out["stream_tuner"]
     assert out["streams_opened"] == 32
-    assert tuner["changes"][0]["streams"] == 1                     # nothing known: one stream
+    assert tuner["changes"][0]["streams"] == 4 and "30." in tuner["changes"][0]["reason"]  # by the RTT
     assert out["streams"] >= 8, tuner["changes"]                    # it climbed where each stream is capped
     assert any("kept" in c["reason"] for c in tuner["changes"]), tuner["changes"]
     assert out["server"]["bytes"] == out["bytes"]
