@@ -178,3 +178,35 @@ def run_in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread,
     t = threading.Thread(target=target, daemon=True)
     t.start()
     return t, box
+
+
+@pytest.fixture
+def busy_flow() -> Iterator[tuple[int, int]]:
+    """A loopback TCP flow that keeps sending until the test ends: (client port, server port)."""
+    a, b = tcp_pairs(1)
+    stop = threading.Event()
+
+    def pump() -> None:
+        chunk = b"z" * (1 << 16)
+        try:
+            while not stop.is_set():
+                a[0].sendall(chunk)
+        except OSError:
+            pass
+
+    def drain() -> None:
+        try:
+            while b[0].recv(1 << 20):
+                pass
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=pump, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for t in threads:
+        t.start()
+    yield a[0].getsockname()[1], b[0].getsockname()[1]
+    stop.set()
+    a[0].close()
+    for t in threads:
+        t.join(5)
+    b[0].close()

@@ -6,12 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 
 import pytest
-
-from tests.conftest import tcp_pairs
 
 FLOW_KEYS = {"saddr", "sport", "daddr", "dport", "srtt_us", "min_rtt_us", "delivery_rate_bps", "bytes_acked",
              "retrans", "cwnd", "netns"}
@@ -21,38 +17,6 @@ PEER_KEYS = {"peer", "tier", "bottleneck_bps", "min_rtt_us", "confidence"}
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-@pytest.fixture
-def busy_flow() -> Iterator[tuple[int, int]]:
-    """A loopback TCP flow that keeps sending until the test ends: (client port, server port)."""
-    a, b = tcp_pairs(1)
-    stop = threading.Event()
-
-    def pump() -> None:
-        chunk = b"z" * (1 << 16)
-        try:
-            while not stop.is_set():
-                a[0].sendall(chunk)
-        except OSError:
-            pass
-
-    def drain() -> None:
-        try:
-            while b[0].recv(1 << 20):
-                pass
-        except OSError:
-            pass
-
-    threads = [threading.Thread(target=pump, daemon=True), threading.Thread(target=drain, daemon=True)]
-    for t in threads:
-        t.start()
-    yield a[0].getsockname()[1], b[0].getsockname()[1]
-    stop.set()
-    a[0].close()
-    for t in threads:
-        t.join(5)
-    b[0].close()
 
 
 @pytest.mark.parametrize("source", ["inet_diag", None])

@@ -8,18 +8,16 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dwcp.control.metrics import MetricsRegistry, PeerMetrics, start_metrics_server
 from dwcp.errors import ConfigError
-from tests.conftest import TEST_KEY, tcp_pairs
+from tests.conftest import TEST_KEY
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -147,41 +145,10 @@ def test_bench_server_exports_its_sessions_bytes() -> None:
         stop(srv)
 
 
-@pytest.fixture
-def busy_flow() -> Iterator[int]:
-    """A loopback TCP flow that keeps sending until the test ends; yields the receiving port."""
-    a, b = tcp_pairs(1)
-    stop_flag = threading.Event()
-
-    def pump() -> None:
-        try:
-            while not stop_flag.is_set():
-                a[0].sendall(b"z" * (1 << 16))
-        except OSError:
-            pass
-
-    def drain() -> None:
-        try:
-            while b[0].recv(1 << 20):
-                pass
-        except OSError:
-            pass
-
-    threads = [threading.Thread(target=pump, daemon=True), threading.Thread(target=drain, daemon=True)]
-    for t in threads:
-        t.start()
-    yield int(b[0].getsockname()[1])
-    stop_flag.set()
-    a[0].close()
-    for t in threads:
-        t.join(5)
-    b[0].close()
-
-
-def test_diag_exports_the_link_estimates(busy_flow: int) -> None:
+def test_diag_exports_the_link_estimates(busy_flow: tuple[int, int]) -> None:
     mport = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dwcp.cli.main", "diag", "--json", "--interval", "0.5",
-                             "--source", "inet_diag", "--port", str(busy_flow), "--metrics-port", str(mport)],
+                             "--source", "inet_diag", "--port", str(busy_flow[1]), "--metrics-port", str(mport)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{mport}/metrics"
