@@ -191,16 +191,19 @@ class Session:
             return False, "loopback peer: the kernel copies MSG_ZEROCOPY sends on lo, which is slower"
         return True, "auto: non-loopback peer (falls back if the kernel copies)"
 
-    def _next_tid(self) -> int:
-        # Ids grow across both directions (the next one is above every id this session has seen) and
-        # client ids are odd, server ids even, so the engines can treat any frame with a smaller id as
-        # a late leftover of an earlier transfer, whichever side sent it.
+    def _peek_tid(self) -> int:
+        """The id the next transfer will get (a message's segments name their first one's).
+
+        Ids grow across both directions (the next one is above every id this session has seen) and
+        client ids are odd, server ids even, so the engines can treat any frame with a smaller id as
+        a late leftover of an earlier transfer, whichever side sent it."""
         parity = 1 if self.role == "client" else 0
         tid = max(self._tid_counter, self._last_recv_tid) + 1
-        if tid % 2 != parity:
-            tid += 1
-        self._tid_counter = tid
-        return tid
+        return tid + 1 if tid % 2 != parity else tid
+
+    def _next_tid(self) -> int:
+        self._tid_counter = self._peek_tid()
+        return self._tid_counter
 
     def _engine_error(self, exc: DWCPError) -> DWCPError:
         """The error a failed engine call ends the session with, in the session's words."""
@@ -258,13 +261,11 @@ class Session:
             cores = max(1, len(os.sched_getaffinity(0)))
             ctx = _core.HdeContext(1 << 20)
             loop = AdaptiveCompression(total, cores, rtt_s=self._engine.sndbuf[1] / 1e6)
-            if isinstance(lvl, int):
-                loop.costs = {}
-            elif is_loopback(self.peer[0]):
-                self.last_compression = {"level": None, "decisions": [],
-                                         "reason": "off: a loopback peer is reached faster than any zstd level compresses"}
-                return self._send_locked(mv, messages.XferKind.BUFFER, name="", length=total, deadline=None)
-            else:
+            if isinstance(lvl, str):   # "auto": a fixed level needs no sample
+                if is_loopback(self.peer[0]):
+                    self.last_compression = {"level": None, "decisions": [], "reason": (
+                        "off: a loopback peer is reached faster than any zstd level compresses")}
+                    return self._send_locked(mv, messages.XferKind.BUFFER, name="", length=total, deadline=None)
                 scratch = bytearray(_core.hde_buffer_bound(4 << 20))
 
                 def sample(level: int, data: bytes) -> tuple[int, float]:
@@ -335,12 +336,6 @@ class Session:
             return total
         finally:
             self._lock.release()
-
-    def _peek_tid(self) -> int:
-        """The id the next transfer will get (a message's segments name their first one's)."""
-        parity = 1 if self.role == "client" else 0
-        tid = max(self._tid_counter, self._last_recv_tid) + 1
-        return tid + 1 if tid % 2 != parity else tid
 
     def send_file(self, path: str | os.PathLike[str]) -> int:
         """Send a regular file (memory-mapped, so it is never copied in user space)."""
