@@ -1,4 +1,4 @@
-"""-P auto over an emulated WAN whose receive windows are capped (32 KiB over 30 ms: ~5 Mbit/s per stream
+"""-P auto over an emulated WAN whose receive windows are capped (16 KiB over 30 ms: ~3 Mbit/s per stream
 on a 100 Mbit/s link): the stream tuner must add streams while data flows and say why, and the
 transfer's bytes all arrive (the server's count matches the client's)."""
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.kernel
 
 def test_auto_adds_streams_where_windows_cap_each_one(wan_link: Any) -> None:
     lab = wan_link(rtt_ms=30, rate_mbit=100)
-    lab.b.set_sysctls({"net.ipv4.tcp_rmem": f"4096 16384 {32 * 1024}"})
+    lab.b.set_sysctls({"net.ipv4.tcp_rmem": f"4096 8192 {16 * 1024}"})
     env = {**os.environ, "DWCP_KEY": TEST_KEY.decode(), "PYTHONPATH": os.getcwd()}
     server = lab.b.popen([sys.executable, "-m", "dwcp.cli.bench", "server", "--bind", f"{lab.b.addr}:0", "--once"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
